@@ -1,0 +1,37 @@
+"""pcbtl: deep Bayesian transfer learning with a PC prior on the KL distance.
+
+The public surface: train a source network (:func:`train_source`), then fit the target with
+:class:`PCTransferRegressor`, whose prior says how far (in KL distance) the target's predictive
+model may move from the source's (Abba, Williams & Reich 2023). The NumPyro model functions
+(:mod:`pcbtl.models`), the priors (:mod:`pcbtl.priors`) and KL estimators (:mod:`pcbtl.kl`)
+are public for users who build their own samplers.
+"""
+
+from pcbtl import kl, models, priors
+from pcbtl.inference import Posterior, make_log_density, run_nuts, run_svi, to_inference_data
+from pcbtl.networks import SourceModel, train_source, transfer_parametrization
+from pcbtl.priors import LastLayerPC, ScalePC, pc_rate
+from pcbtl.simulation import make_synthetic_task
+from pcbtl.transfer import BayesianNetworkRegressor, PCTransferRegressor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BayesianNetworkRegressor",
+    "LastLayerPC",
+    "PCTransferRegressor",
+    "Posterior",
+    "ScalePC",
+    "SourceModel",
+    "kl",
+    "make_log_density",
+    "make_synthetic_task",
+    "models",
+    "pc_rate",
+    "priors",
+    "run_nuts",
+    "run_svi",
+    "to_inference_data",
+    "train_source",
+    "transfer_parametrization",
+]

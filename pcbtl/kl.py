@@ -1,0 +1,170 @@
+r"""Kullback–Leibler divergences between predictive distributions, closed form and Monte Carlo.
+
+The PC prior's distance is ``d = sqrt(2 KL)`` with
+
+    KL(ξ) = E_{x~Q} KL( p_T(·|x, ξ) || p_S(·|x) )
+
+averaged over reference inputs ``x̃_1..x̃_m ~ Q``. This module gives the per-``x`` KL in closed
+form (Gaussian, Bernoulli, categorical), Monte Carlo estimators over ``y`` where no closed form
+exists (e.g. Student-t), over the reference inputs, and over the latent component ``ε`` of the
+scale construction (:func:`distance_curve`). Every estimator returns its Monte Carlo standard
+error so callers can judge precision. All functions are pure and jittable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "gaussian_kl",
+    "bernoulli_kl",
+    "categorical_kl",
+    "MCEstimate",
+    "mc_kl_over_y",
+    "expected_kl",
+    "mc_network_kl",
+    "distance_curve",
+    "default_tau_grid",
+]
+
+
+class MCEstimate(NamedTuple):
+    """A Monte Carlo mean and its standard error."""
+
+    mean: jax.Array
+    se: jax.Array
+
+
+def _mean_se(values: jax.Array) -> MCEstimate:
+    n = values.size
+    return MCEstimate(jnp.mean(values), jnp.std(values, ddof=1) / jnp.sqrt(n))
+
+
+def gaussian_kl(mean_p, sd_p, mean_q, sd_q):
+    r"""``KL(N(μ_p, σ_p²) || N(μ_q, σ_q²)) = log(σ_q/σ_p) + (σ_p² + (μ_p − μ_q)²)/(2σ_q²) − 1/2``.
+
+    With a shared noise sd ``σ`` this is ``(μ_p − μ_q)² / (2σ²)``. Elementwise, broadcasting.
+    """
+    mean_p, sd_p, mean_q, sd_q = map(jnp.asarray, (mean_p, sd_p, mean_q, sd_q))
+    return jnp.log(sd_q / sd_p) + (sd_p**2 + (mean_p - mean_q) ** 2) / (2.0 * sd_q**2) - 0.5
+
+
+def bernoulli_kl(logit_p, logit_q):
+    r"""``KL(Bern(π_p) || Bern(π_q)) = π_p log(π_p/π_q) + (1−π_p) log((1−π_p)/(1−π_q))``.
+
+    Arguments are logits ``log(π/(1−π))``; computed with ``log σ(·)`` for stability.
+    """
+    logit_p, logit_q = jnp.asarray(logit_p), jnp.asarray(logit_q)
+    p = jax.nn.sigmoid(logit_p)
+    log_p, log_1mp = jax.nn.log_sigmoid(logit_p), jax.nn.log_sigmoid(-logit_p)
+    log_q, log_1mq = jax.nn.log_sigmoid(logit_q), jax.nn.log_sigmoid(-logit_q)
+    return p * (log_p - log_q) + (1.0 - p) * (log_1mp - log_1mq)
+
+
+def categorical_kl(logits_p, logits_q):
+    r"""``KL(Cat(π_p) || Cat(π_q)) = Σ_k π_{p,k} (log π_{p,k} − log π_{q,k})`` over the last axis."""
+    log_p = jax.nn.log_softmax(jnp.asarray(logits_p), axis=-1)
+    log_q = jax.nn.log_softmax(jnp.asarray(logits_q), axis=-1)
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def mc_kl_over_y(
+    key: jax.Array,
+    sample_p: Callable[[jax.Array, tuple[int, ...]], jax.Array],
+    log_prob_p: Callable[[jax.Array], jax.Array],
+    log_prob_q: Callable[[jax.Array], jax.Array],
+    num_samples: int = 1000,
+) -> MCEstimate:
+    r"""``KL(p || q) ≈ (1/N) Σ_n [log p(y_n) − log q(y_n)]``, ``y_n ~ p``, for any pair of densities.
+
+    ``sample_p(key, shape)`` draws from ``p``; ``log_prob_*`` may be batched over extra trailing
+    axes (e.g. over reference inputs), in which case the estimate is averaged over them too.
+    Used where no closed form exists, e.g. Student-t predictives.
+    """
+    y = sample_p(key, (num_samples,))
+    diff = log_prob_p(y) - log_prob_q(y)
+    per_draw = diff.reshape(num_samples, -1).mean(axis=1)
+    return _mean_se(per_draw)
+
+
+def expected_kl(per_x_kl: jax.Array) -> MCEstimate:
+    r"""``E_{x~Q} KL_x ≈ (1/m) Σ_i KL_{x̃_i}`` from per-reference-input KLs, with its standard error."""
+    return _mean_se(jnp.ravel(jnp.asarray(per_x_kl)))
+
+
+def mc_network_kl(
+    key: jax.Array,
+    predict_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    theta_source: jax.Array,
+    scales: jax.Array,
+    X_ref: jax.Array,
+    tau: float,
+    per_x_kl: Callable[[jax.Array, jax.Array], jax.Array],
+    n_eps: int = 64,
+) -> MCEstimate:
+    r"""Component-averaged KL of the scale construction for any per-``x`` KL.
+
+        KL(τ) = E_ε E_{x~Q} KL( p(·|x, θ_S + τ s⊙ε) || p(·|x, θ_S) ),   ε ~ N(0, I)
+
+    ``predict_fn(θ, X)`` returns the predictive parameters at ``X`` (mean, logit or logits) for
+    the flat transfer vector ``θ``; ``per_x_kl(target_params, source_params)`` is the closed-form
+    per-``x`` KL (e.g. ``lambda a, b: gaussian_kl(a, σ, b, σ)``). Vmapped over ``ε``; the
+    standard error is over the ``n_eps`` draws of ``ε``.
+    """
+    eps = jax.random.normal(key, (n_eps, theta_source.shape[0]), dtype=theta_source.dtype)
+    base = predict_fn(theta_source, X_ref)
+
+    def one(e):
+        return jnp.mean(per_x_kl(predict_fn(theta_source + tau * scales * e, X_ref), base))
+
+    return _mean_se(jax.vmap(one)(eps))
+
+
+def default_tau_grid(tau_max: float, num: int = 64) -> np.ndarray:
+    """Grid ``τ_k = τ_max (k/(K−1))²``: dense near the base model, where the prior puts its mass."""
+    return tau_max * np.linspace(0.0, 1.0, num) ** 2
+
+
+def distance_curve(
+    predict_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    theta_source: jax.Array,
+    scales: jax.Array,
+    X_ref: jax.Array,
+    tau_grid: jax.Array,
+    *,
+    key: jax.Array,
+    n_eps: int = 32,
+    batch_size: int = 8,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Monte Carlo ``r(τ)`` on a grid, with common random numbers.
+
+        r(τ)² = E_ε E_{x~Q} (g(x; θ_S + τ s⊙ε) − g_S(x))²,   ε ~ N(0, I)
+
+    One set of ``n_eps`` draws of ``ε`` (from ``key``) is shared by every ``τ`` so the curve is
+    smooth; the expectation over ``x`` is the mean over the rows of ``X_ref``. Vmapped over
+    ``ε`` and reference inputs and over ``τ`` in batches of ``batch_size`` (``lax.map``), all in
+    one jitted call. Returns ``(r, se_r2)``: the curve and the standard error of ``r²`` over ``ε``.
+    """
+    eps = jax.random.normal(key, (n_eps, theta_source.shape[0]), dtype=theta_source.dtype)
+    return _distance_curve_jit(predict_fn, theta_source, scales, X_ref, tau_grid, eps, batch_size)
+
+
+def _distance_curve_impl(predict_fn, theta_source, scales, X_ref, tau_grid, eps, batch_size):
+    base = predict_fn(theta_source, X_ref)
+
+    def per_tau(tau):
+        def per_eps(e):
+            return jnp.mean((predict_fn(theta_source + tau * scales * e, X_ref) - base) ** 2)
+
+        sq = jax.vmap(per_eps)(eps)
+        return jnp.sqrt(jnp.mean(sq)), jnp.std(sq, ddof=1) / jnp.sqrt(sq.shape[0])
+
+    return jax.lax.map(per_tau, jnp.asarray(tau_grid, theta_source.dtype), batch_size=batch_size)
+
+
+_distance_curve_jit = jax.jit(_distance_curve_impl, static_argnums=(0, 6))

@@ -1,0 +1,174 @@
+r"""NumPyro model functions: the PC transfer models and a plain Bayesian network.
+
+These are the functions behind the estimators; a power user can pass them to their own
+``numpyro.infer.MCMC``. All share the noise prior
+
+    σ ~ HalfNormal(sigma_scale)
+
+(``sigma_scale`` defaults, in the estimators, to the standard deviation of the source labels:
+weakly informative on the scale of the data). Given ``σ``, the PC priors hold
+``d = RMS_x(g_T − g_S)/σ ~ Exp(λ)`` exactly, so ``d`` is also ``Exp(λ)`` marginally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+from pcbtl.priors import (
+    DistanceCurve,
+    LastLayerPC,
+    ScalePC,
+    distance_curve_value,
+    last_layer_pc_transform,
+)
+
+__all__ = [
+    "LastLayerStats",
+    "last_layer_sufficient_stats",
+    "gaussian_loglik_suffstats",
+    "gaussian_loglik_rows",
+    "last_layer_pc_model",
+    "scale_pc_model",
+    "bnn_model",
+]
+
+
+class LastLayerStats(NamedTuple):
+    """Sufficient statistics of a Gaussian linear model ``y = Φβ + e`` from a QR of ``Φ``.
+
+    ``R`` (k×p, k = min(n, p)) and ``Qty = Qᵀy`` from ``Φ = QR``; ``rss0 = ‖y‖² − ‖Qᵀy‖²`` is the
+    residual sum of squares of the least-squares fit; ``n`` the number of rows.
+    """
+
+    R: jax.Array
+    Qty: jax.Array
+    rss0: jax.Array
+    n: jax.Array
+
+
+def last_layer_sufficient_stats(Phi: np.ndarray, y: np.ndarray) -> LastLayerStats:
+    """QR of ``Φ`` (n×p, float64, computed once) and the statistics of :class:`LastLayerStats`."""
+    Phi = np.asarray(Phi, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    Q, R = np.linalg.qr(Phi, mode="reduced")
+    Qty = Q.T @ y
+    # ‖y‖² − ‖Qᵀy‖², evaluated as the residual of the projection (no cancellation, float64)
+    rss0 = float(np.sum((y - Q @ Qty) ** 2))
+    return LastLayerStats(
+        R=jnp.asarray(R, jnp.float32),
+        Qty=jnp.asarray(Qty, jnp.float32),
+        rss0=jnp.asarray(rss0, jnp.float32),
+        n=jnp.asarray(Phi.shape[0], jnp.float32),
+    )
+
+
+def gaussian_loglik_suffstats(beta, sigma, stats: LastLayerStats):
+    r"""``Σ_i log N(y_i | φ_iᵀβ, σ²)`` from sufficient statistics, O(p²) whatever ``n``.
+
+    Uses the stable decomposition ``‖y − Φβ‖² = ‖Rβ − Qᵀy‖² + (‖y‖² − ‖Qᵀy‖²)``; the expanded
+    ``yᵀy − 2βᵀΦᵀy + βᵀΦᵀΦβ`` cancels catastrophically in float32.
+    """
+    resid = stats.R @ beta - stats.Qty
+    ss = jnp.sum(resid**2, axis=-1) + stats.rss0
+    return -stats.n * (jnp.log(sigma) + 0.5 * jnp.log(2 * jnp.pi)) - 0.5 * ss / sigma**2
+
+
+def gaussian_loglik_rows(mean, sigma, y):
+    """Row-by-row ``log N(y_i | mean_i, σ²)`` (the reference the sufficient statistics must match)."""
+    return dist.Normal(mean, jnp.expand_dims(sigma, -1)).log_prob(y)
+
+
+def _sigma(sigma_scale):
+    return numpyro.sample("sigma", dist.HalfNormal(sigma_scale))
+
+
+def last_layer_pc_model(
+    beta_source: jax.Array,
+    chol_G: jax.Array,
+    rate: float,
+    sigma_scale: float,
+    stats: LastLayerStats | None = None,
+    *,
+    centred: bool = False,
+) -> None:
+    r"""Last-layer PC transfer model (DESIGN.md §2 (a)).
+
+    Body frozen at ``θ_S``; head ``β ∈ R^p`` (bias last) with the sphere PC prior given ``σ``:
+
+        d ~ Exp(λ),  z ~ N(0, I_p),  β = β_S + d σ L^{−ᵀ} z/‖z‖     (non-centred, default)
+        β ~ LastLayerPC(β_S, L, σ, λ)                               (``centred=True``)
+
+    with ``LLᵀ = G = Φ̃ᵀΦ̃/m`` over reference features. Likelihood
+    ``y ~ N(Φβ, σ² I)`` through :func:`gaussian_loglik_suffstats` (``stats=None``: prior only).
+    Sites: ``sigma``, ``distance``, ``z`` (non-centred) and ``beta``.
+    """
+    sigma = _sigma(sigma_scale)
+    p = beta_source.shape[-1]
+    if centred:
+        prior = LastLayerPC(beta_source, chol_G, sigma, rate)
+        beta = numpyro.sample("beta", prior)
+        numpyro.deterministic("distance", prior.distance(beta))
+    else:
+        d = numpyro.sample("distance", dist.Exponential(rate))
+        z = numpyro.sample("z", dist.Normal(jnp.zeros(p), 1.0).to_event(1))
+        beta = numpyro.deterministic(
+            "beta", last_layer_pc_transform(d, z, beta_source, chol_G, sigma)
+        )
+    if stats is not None:
+        numpyro.factor("loglik", gaussian_loglik_suffstats(beta, sigma, stats))
+
+
+def scale_pc_model(
+    predict_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    theta_source: jax.Array,
+    scales: jax.Array,
+    curve: DistanceCurve,
+    rate: float,
+    sigma_scale: float,
+    X: jax.Array | None = None,
+    y: jax.Array | None = None,
+) -> None:
+    r"""Scale PC transfer model over a chosen transfer set (DESIGN.md §2 (b)).
+
+        τ ~ ScalePC(r̂, σ, λ)  ⇔  d = r̂(τ)/σ ~ Exp(λ),   ε ~ N(0, I_D)
+        θ = θ_S + τ s⊙ε,   y_i ~ N(g(x_i; θ), σ²)
+
+    ``predict_fn(θ, X)`` evaluates the network with the flat transfer vector ``θ`` (see
+    :func:`pcbtl.networks.transfer_parametrization`); ``curve`` is the precomputed Monte Carlo
+    ``r(τ)`` (:func:`pcbtl.kl.distance_curve`). Sites: ``sigma``, ``tau``, ``eps``, ``distance``.
+    """
+    sigma = _sigma(sigma_scale)
+    tau = numpyro.sample("tau", ScalePC(curve, sigma, rate))
+    eps = numpyro.sample("eps", dist.Normal(jnp.zeros_like(theta_source), 1.0).to_event(1))
+    numpyro.deterministic("distance", distance_curve_value(curve, tau) / sigma)
+    if X is not None and y is not None:
+        mean = predict_fn(theta_source + tau * scales * eps, X)
+        numpyro.sample("y", dist.Normal(mean, sigma), obs=y)
+
+
+def bnn_model(
+    predict_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    loc: jax.Array,
+    prior_scale: float | jax.Array,
+    sigma_scale: float,
+    X: jax.Array | None = None,
+    y: jax.Array | None = None,
+) -> None:
+    r"""Bayesian network with independent Normal priors on the flat weight vector.
+
+        θ ~ N(loc, prior_scale²),  y_i ~ N(g(x_i; θ), σ²)
+
+    ``loc = 0`` gives a target-only network; ``loc = θ_S`` the usual "prior centred on the
+    pretrained weights". Sites: ``sigma``, ``theta``.
+    """
+    sigma = _sigma(sigma_scale)
+    theta = numpyro.sample("theta", dist.Normal(loc, prior_scale).to_event(1))
+    if X is not None and y is not None:
+        numpyro.sample("y", dist.Normal(predict_fn(theta, X), sigma), obs=y)

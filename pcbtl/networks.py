@@ -1,0 +1,442 @@
+"""Flax networks, source training and the saved source-model artefact.
+
+The source model is a multilayer perceptron ``g_S(x) = m_y + s_y f((x - m_x) / s_x; θ_S)`` trained on
+the (large) source data set with optax (Adam, minibatches, one jitted ``lax.scan`` per epoch, early
+stopping on a validation split). ``m_x, s_x`` and ``m_y, s_y`` are the input and output scalings,
+kept with the parameters so that a reloaded model predicts exactly as it was trained. The noise sd
+``σ_S`` is the validation root mean squared error; the source predictive is ``N(g_S(x), σ_S²)``.
+
+Layers are named ``hidden_0, hidden_1, ...`` and ``output``; these names are what
+``transfer_layers`` refers to in :class:`pcbtl.PCTransferRegressor`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from tqdm.auto import tqdm
+
+from pcbtl._validation import check_X, check_Xy
+
+__all__ = [
+    "ACTIVATIONS",
+    "MLP",
+    "SourceModel",
+    "TransferParametrization",
+    "resolve_transfer_layers",
+    "train_source",
+    "transfer_parametrization",
+]
+
+FORMAT_NAME = "pcbtl.SourceModel"
+FORMAT_VERSION = 1
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "softplus": jax.nn.softplus,
+}
+
+
+class MLP(nn.Module):
+    """Fully connected network ``x -> act(W_0 x + b_0) -> ... -> W_L h + b_L``.
+
+    ``hidden`` gives the widths of the hidden layers (named ``hidden_i``); the last layer is
+    ``output`` with ``out`` units. ``__call__(x, return_features=True)`` also returns the
+    penultimate activations ``φ(x)`` (the input itself when there is no hidden layer).
+    """
+
+    hidden: Sequence[int]
+    out: int = 1
+    activation: str = "tanh"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, return_features: bool = False):
+        act = ACTIVATIONS[self.activation]
+        for i, width in enumerate(self.hidden):
+            x = act(nn.Dense(width, name=f"hidden_{i}")(x))
+        out = nn.Dense(self.out, name="output")(x)
+        if return_features:
+            return out, x
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class SourceModel:
+    """A trained source network with its scalings; the base model of the PC prior.
+
+    Attributes
+    ----------
+    hidden, activation:
+        The architecture (see :class:`MLP`).
+    params:
+        Flax parameters ``{"hidden_0": {"kernel", "bias"}, ..., "output": {...}}`` in float32,
+        acting on standardised inputs and producing standardised outputs.
+    x_mean, x_scale, y_mean, y_scale:
+        Input and output scalings.
+    noise_sd:
+        ``σ_S``, the validation RMSE in the units of ``y``.
+    reference_X:
+        A random sample of the source inputs (the source part of the default reference
+        distribution ``Q``, see DESIGN.md §2).
+    info:
+        Training record (epochs, validation RMSE, ...) and an optional JSON-able featurizer
+        description, saved with the model.
+    """
+
+    hidden: tuple[int, ...]
+    activation: str
+    params: dict[str, Any]
+    x_mean: np.ndarray
+    x_scale: np.ndarray
+    y_mean: float
+    y_scale: float
+    noise_sd: float
+    reference_X: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ---- structure -------------------------------------------------------------------------
+    @property
+    def n_features(self) -> int:
+        return int(self.x_mean.shape[0])
+
+    @property
+    def module(self) -> MLP:
+        return MLP(hidden=tuple(self.hidden), out=1, activation=self.activation)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [f"hidden_{i}" for i in range(len(self.hidden))] + ["output"]
+
+    # ---- pure functions --------------------------------------------------------------------
+    def scale_inputs(self, X: jax.Array) -> jax.Array:
+        return (X - jnp.asarray(self.x_mean)) / jnp.asarray(self.x_scale)
+
+    def apply(self, params: dict[str, Any], X: jax.Array) -> jax.Array:
+        """``g(X; params)`` in the units of ``y`` for raw inputs ``X`` (pure, jittable)."""
+        out = self.module.apply({"params": params}, self.scale_inputs(X))
+        return self.y_mean + self.y_scale * out[..., 0]
+
+    def apply_features(self, X: jax.Array) -> jax.Array:
+        """Penultimate activations ``φ(X)`` of the source network (pure, jittable)."""
+        _, feats = self.module.apply({"params": self.params}, self.scale_inputs(X), True)
+        return feats
+
+    # ---- user-facing -----------------------------------------------------------------------
+    def predict(self, X: Any) -> np.ndarray:
+        """Source predictive mean ``g_S(X)``."""
+        X = check_X(X, "X", n_features=self.n_features)
+        return np.asarray(self._jitted_apply(self.params, jnp.asarray(X)))
+
+    def features(self, X: Any) -> np.ndarray:
+        """Penultimate-layer features ``φ(X)`` (rows = inputs), without the bias column."""
+        X = check_X(X, "X", n_features=self.n_features)
+        return np.asarray(self._jitted_features(jnp.asarray(X)))
+
+    @cached_property
+    def _jitted_apply(self) -> Callable:
+        return jax.jit(self.apply)
+
+    @cached_property
+    def _jitted_features(self) -> Callable:
+        return jax.jit(self.apply_features)
+
+    def head(self) -> np.ndarray:
+        """Last-layer coefficients ``β_S`` in the units of ``y``, bias last.
+
+        With ``Φ = [φ(X), 1]``, ``g_S(X) = Φ β_S`` exactly: ``β_S = s_y [w; b] + [0; m_y]``.
+        """
+        w = np.asarray(self.params["output"]["kernel"], dtype=np.float64)[:, 0]
+        b = float(np.asarray(self.params["output"]["bias"])[0])
+        return np.concatenate([self.y_scale * w, [self.y_scale * b + self.y_mean]])
+
+    # ---- persistence -----------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the model to ``path`` (a NumPy ``.npz`` archive; no pickle).
+
+        The archive holds every array under its parameter path plus a JSON header with the
+        format name and version, the architecture, the scalings and ``info``.
+        """
+        path = Path(path)
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "y_mean": self.y_mean,
+            "y_scale": self.y_scale,
+            "noise_sd": self.noise_sd,
+            "info": self.info,
+        }
+        arrays: dict[str, np.ndarray] = {
+            "__meta__": np.array(json.dumps(meta)),
+            "x_mean": np.asarray(self.x_mean),
+            "x_scale": np.asarray(self.x_scale),
+            "reference_X": np.asarray(self.reference_X),
+        }
+        for layer, leaves in self.params.items():
+            for name, value in leaves.items():
+                arrays[f"params/{layer}/{name}"] = np.asarray(value)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SourceModel:
+        """Read a model written by :meth:`save`; a corrupt or foreign file raises ``ValueError``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no source model file at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files = set(z.files)
+                if "__meta__" not in files:
+                    raise ValueError("missing header")
+                meta = json.loads(str(z["__meta__"]))
+                if meta.get("format") != FORMAT_NAME:
+                    raise ValueError(f"format is {meta.get('format')!r}")
+                if meta.get("version") != FORMAT_VERSION:
+                    raise ValueError(
+                        f"format version {meta.get('version')} is not supported "
+                        f"(this pcbtl reads version {FORMAT_VERSION})"
+                    )
+                params: dict[str, dict[str, np.ndarray]] = {}
+                for key in files:
+                    if key.startswith("params/"):
+                        _, layer, name = key.split("/")
+                        params.setdefault(layer, {})[name] = jnp.asarray(z[key])
+                model = cls(
+                    hidden=tuple(int(h) for h in meta["hidden"]),
+                    activation=str(meta["activation"]),
+                    params=params,
+                    x_mean=np.asarray(z["x_mean"]),
+                    x_scale=np.asarray(z["x_scale"]),
+                    y_mean=float(meta["y_mean"]),
+                    y_scale=float(meta["y_scale"]),
+                    noise_sd=float(meta["noise_sd"]),
+                    reference_X=np.asarray(z["reference_X"]),
+                    info=dict(meta.get("info", {})),
+                )
+        except (zipfile.BadZipFile, OSError, EOFError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a readable pcbtl SourceModel file: {exc}") from exc
+        except ValueError as exc:
+            raise ValueError(f"{path} is not a valid pcbtl SourceModel file: {exc}") from exc
+        expected = set(model.layer_names)
+        if set(params) != expected or model.activation not in ACTIVATIONS:
+            raise ValueError(f"{path} is not a valid pcbtl SourceModel file: inconsistent layers")
+        return model
+
+
+def train_source(
+    X: Any,
+    y: Any,
+    *,
+    hidden: Sequence[int] = (64, 64),
+    activation: str = "tanh",
+    seed: int = 0,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 128,
+    max_epochs: int = 300,
+    patience: int = 20,
+    validation_fraction: float = 0.1,
+    n_reference: int = 2000,
+    featurizer: dict[str, Any] | None = None,
+    progress_bar: bool = True,
+) -> SourceModel:
+    """Train the source network by minimising the mean squared error with Adam(W).
+
+    Each epoch is one jitted ``lax.scan`` over shuffled minibatches of ``batch_size`` rows.
+    Training stops when the validation MSE (on a random ``validation_fraction`` of the rows)
+    has not improved for ``patience`` epochs; the best parameters are kept. The noise sd of the
+    source predictive, ``σ_S``, is the validation RMSE. ``n_reference`` source inputs are kept
+    as the source part of the default reference distribution of the PC prior.
+    """
+    X, y = check_Xy(X, y, min_rows=10)
+    hidden = tuple(int(h) for h in hidden)
+    if any(h < 1 for h in hidden):
+        raise ValueError(f"hidden must hold positive widths, got {hidden}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if not 0.0 < validation_fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value}")
+
+    rng = np.random.default_rng(seed)
+    n = X.shape[0]
+    perm = rng.permutation(n)
+    n_val = max(1, int(round(validation_fraction * n)))
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    x_mean = X[tr_idx].mean(0)
+    x_scale = X[tr_idx].std(0)
+    x_scale = np.where(x_scale > 0, x_scale, 1.0)
+    y_mean = float(y[tr_idx].mean())
+    y_scale = float(y[tr_idx].std()) or 1.0
+    Xs = jnp.asarray((X - x_mean) / x_scale, dtype=jnp.float32)
+    ys = jnp.asarray((y - y_mean) / y_scale, dtype=jnp.float32)
+    Xtr, ytr, Xval, yval = Xs[tr_idx], ys[tr_idx], Xs[val_idx], ys[val_idx]
+
+    module = MLP(hidden=hidden, out=1, activation=activation)
+    key = jax.random.PRNGKey(seed)
+    key, init_key = jax.random.split(key)
+    params = module.init(init_key, Xtr[:1])["params"]
+    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+    opt_state = opt.init(params)
+    bs = min(int(batch_size), Xtr.shape[0])
+    n_batches = Xtr.shape[0] // bs
+
+    def loss_fn(p, xb, yb):
+        return jnp.mean((module.apply({"params": p}, xb)[:, 0] - yb) ** 2)
+
+    @jax.jit
+    def epoch(p, state, k):
+        order = jax.random.permutation(k, Xtr.shape[0])[: n_batches * bs].reshape(n_batches, bs)
+
+        def step(carry, idx):
+            p, state = carry
+            loss, g = jax.value_and_grad(loss_fn)(p, Xtr[idx], ytr[idx])
+            updates, state = opt.update(g, state, p)
+            return (optax.apply_updates(p, updates), state), loss
+
+        (p, state), losses = jax.lax.scan(step, (p, state), order)
+        return p, state, losses.mean(), loss_fn(p, Xval, yval)
+
+    best = (math.inf, params, 0)
+    bar = tqdm(range(int(max_epochs)), desc="source training", disable=not progress_bar)
+    for ep in bar:
+        key, k = jax.random.split(key)
+        params, opt_state, train_loss, val_loss = epoch(params, opt_state, k)
+        val_loss = float(val_loss)
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(
+                f"source training diverged at epoch {ep} (validation loss {val_loss}); "
+                "lower learning_rate"
+            )
+        if val_loss < best[0]:
+            best = (val_loss, params, ep)
+        bar.set_postfix(train=f"{float(train_loss):.4f}", val=f"{val_loss:.4f}")
+        if ep - best[2] >= patience:
+            break
+    bar.close()
+    val_mse, params, best_epoch = best
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
+    ref_idx = rng.choice(n, size=min(int(n_reference), n), replace=False)
+    info: dict[str, Any] = {
+        "n_train": int(tr_idx.size),
+        "n_validation": int(n_val),
+        "best_epoch": int(best_epoch),
+        "epochs_run": int(ep + 1),
+        "validation_rmse": float(math.sqrt(val_mse) * y_scale),
+        "seed": int(seed),
+    }
+    if featurizer is not None:
+        info["featurizer"] = featurizer
+    return SourceModel(
+        hidden=hidden,
+        activation=activation,
+        params=jax.device_get(params),
+        x_mean=x_mean.astype(np.float32),
+        x_scale=x_scale.astype(np.float32),
+        y_mean=y_mean,
+        y_scale=y_scale,
+        noise_sd=float(math.sqrt(val_mse) * y_scale),
+        reference_X=X[np.sort(ref_idx)].astype(np.float32),
+        info=info,
+    )
+
+
+class TransferParametrization(NamedTuple):
+    """A flat view of the transfer set of a source network.
+
+    ``theta_source`` is the float32 vector of the source values of the parameters in
+    ``layers`` (raveled once, outside any sampler loop); ``scales`` holds the fixed
+    per-parameter scales ``s``; ``predict_fn(θ, X)`` evaluates ``g(X)`` in the units of ``y``
+    with those parameters set to ``θ`` and every other parameter frozen at ``θ_S``.
+    """
+
+    layers: tuple[str, ...]
+    theta_source: jax.Array
+    scales: jax.Array
+    predict_fn: Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def resolve_transfer_layers(source: SourceModel, transfer_layers: Any) -> tuple[str, ...]:
+    """Turn ``"all"``, ``"last"``, an int ``k`` (last ``k`` layers) or a list of names into names."""
+    names = source.layer_names
+    if isinstance(transfer_layers, str):
+        if transfer_layers == "all":
+            return tuple(names)
+        if transfer_layers == "last":
+            return ("output",)
+        transfer_layers = [transfer_layers]
+    if isinstance(transfer_layers, int | np.integer) and not isinstance(transfer_layers, bool):
+        k = int(transfer_layers)
+        if not 1 <= k <= len(names):
+            raise ValueError(f"transfer_layers={k} must be between 1 and {len(names)}")
+        return tuple(names[-k:])
+    try:
+        chosen = list(transfer_layers)
+    except TypeError:
+        raise ValueError(
+            f"transfer_layers must be 'all', 'last', an int or layer names, got {transfer_layers!r}"
+        ) from None
+    unknown = [c for c in chosen if c not in names]
+    if unknown or not chosen:
+        raise ValueError(
+            f"transfer_layers names unknown layer(s) {unknown or chosen!r}; "
+            f"the source network has {names}"
+        )
+    return tuple(n for n in names if n in chosen)
+
+
+def transfer_parametrization(
+    source: SourceModel, transfer_layers: Any = "all", *, scale: str = "fan_in"
+) -> TransferParametrization:
+    """Build the flat transfer vector of ``source`` for the layers named by ``transfer_layers``.
+
+    ``scale="fan_in"`` gives every parameter of a layer ``s = 1/sqrt(fan_in)`` (the scale at
+    which LeCun-initialised weights live, so one unit of ``τ`` is a comparable change in every
+    layer); ``scale="unit"`` gives ``s = 1``.
+    """
+    if scale not in ("fan_in", "unit"):
+        raise ValueError(f"scale must be 'fan_in' or 'unit', got {scale!r}")
+    layers = resolve_transfer_layers(source, transfer_layers)
+    frozen = {k: v for k, v in source.params.items() if k not in layers}
+    subset = {k: source.params[k] for k in layers}
+    theta0, unravel = ravel_pytree(jax.tree_util.tree_map(jnp.asarray, subset))
+    theta0 = theta0.astype(jnp.float32)
+    scales_tree = {
+        k: jax.tree_util.tree_map(
+            lambda a, fan=v["kernel"].shape[0]: jnp.full(
+                a.shape, 1.0 / math.sqrt(fan) if scale == "fan_in" else 1.0, jnp.float32
+            ),
+            v,
+        )
+        for k, v in subset.items()
+    }
+    scales, _ = ravel_pytree(scales_tree)
+    frozen = jax.tree_util.tree_map(jnp.asarray, frozen)
+
+    def predict_fn(theta: jax.Array, X: jax.Array) -> jax.Array:
+        return source.apply({**frozen, **unravel(theta)}, X)
+
+    return TransferParametrization(layers, theta0, scales, predict_fn)
