@@ -168,10 +168,16 @@ def run_svi(
     losses = np.asarray(result.losses)
     if not np.isfinite(losses[-1]):
         raise FloatingPointError("SVI diverged (non-finite ELBO); lower learning_rate")
-    draws = Predictive(model, guide=g, params=result.params, num_samples=int(num_samples))(
-        key_draw, **{k: v for k, v in model_kwargs.items() if k not in ("y",)}
-    )
-    draws.pop("y", None)
+    prior_kwargs = {k: v for k, v in model_kwargs.items() if k != "y"}
+    trace = numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace(**prior_kwargs)
+    sites = [
+        name
+        for name, site in trace.items()
+        if (site["type"] == "sample" and not site["is_observed"]) or site["type"] == "deterministic"
+    ]
+    draws = Predictive(
+        model, guide=g, params=result.params, num_samples=int(num_samples), return_sites=sites
+    )(key_draw, **prior_kwargs)
     samples = {k: np.asarray(v)[None] for k, v in draws.items()}
     return Posterior(samples=samples, sample_stats={"losses": losses}, method="svi")
 

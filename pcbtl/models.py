@@ -26,7 +26,7 @@ from pcbtl.priors import (
     LastLayerPC,
     ScalePC,
     distance_curve_value,
-    last_layer_pc_transform,
+    last_layer_pc_offset,
 )
 
 __all__ = [
@@ -43,39 +43,50 @@ __all__ = [
 class LastLayerStats(NamedTuple):
     """Sufficient statistics of a Gaussian linear model ``y = Φβ + e`` from a QR of ``Φ``.
 
-    ``R`` (k×p, k = min(n, p)) and ``Qty = Qᵀy`` from ``Φ = QR``; ``rss0 = ‖y‖² − ‖Qᵀy‖²`` is the
-    residual sum of squares of the least-squares fit; ``n`` the number of rows.
+    ``R`` (k×p, k = min(n, p)) from ``Φ = QR``; ``c = Qᵀy − Rβ₀`` the projected labels relative to
+    a reference point ``β₀`` (the source head in the transfer models); ``rss0 = ‖y‖² − ‖Qᵀy‖²``
+    the residual sum of squares of the least-squares fit; ``n`` the number of rows.
     """
 
     R: jax.Array
-    Qty: jax.Array
+    c: jax.Array
     rss0: jax.Array
     n: jax.Array
 
 
-def last_layer_sufficient_stats(Phi: np.ndarray, y: np.ndarray) -> LastLayerStats:
-    """QR of ``Φ`` (n×p, float64, computed once) and the statistics of :class:`LastLayerStats`."""
+def last_layer_sufficient_stats(
+    Phi: np.ndarray, y: np.ndarray, beta_ref: np.ndarray | None = None
+) -> LastLayerStats:
+    """QR of ``Φ`` (n×p) and the statistics of :class:`LastLayerStats`, in float64, once.
+
+    ``beta_ref`` is the point ``β₀`` the coefficients are measured from (default 0).
+    """
     Phi = np.asarray(Phi, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     Q, R = np.linalg.qr(Phi, mode="reduced")
     Qty = Q.T @ y
-    # ‖y‖² − ‖Qᵀy‖², evaluated as the residual of the projection (no cancellation, float64)
+    # ‖y‖² − ‖Qᵀy‖², evaluated as the residual of the projection (no cancellation)
     rss0 = float(np.sum((y - Q @ Qty) ** 2))
+    if beta_ref is not None:
+        Qty = Qty - R @ np.asarray(beta_ref, dtype=np.float64)
     return LastLayerStats(
         R=jnp.asarray(R, jnp.float32),
-        Qty=jnp.asarray(Qty, jnp.float32),
+        c=jnp.asarray(Qty, jnp.float32),
         rss0=jnp.asarray(rss0, jnp.float32),
         n=jnp.asarray(Phi.shape[0], jnp.float32),
     )
 
 
-def gaussian_loglik_suffstats(beta, sigma, stats: LastLayerStats):
+def gaussian_loglik_suffstats(delta, sigma, stats: LastLayerStats):
     r"""``Σ_i log N(y_i | φ_iᵀβ, σ²)`` from sufficient statistics, O(p²) whatever ``n``.
 
-    Uses the stable decomposition ``‖y − Φβ‖² = ‖Rβ − Qᵀy‖² + (‖y‖² − ‖Qᵀy‖²)``; the expanded
-    ``yᵀy − 2βᵀΦᵀy + βᵀΦᵀΦβ`` cancels catastrophically in float32.
+    ``delta = β − β₀`` is measured from the reference point of ``stats``. Uses the stable
+    decomposition ``‖y − Φβ‖² = ‖Rδ − c‖² + (‖y‖² − ‖Qᵀy‖²)`` with ``c = Qᵀy − Rβ₀`` computed in
+    float64 once: the expanded ``yᵀy − 2βᵀΦᵀy + βᵀΦᵀΦβ`` cancels catastrophically in float32,
+    and so does ``Rβ − Qᵀy`` when ``β`` is large (labels far from zero) — measuring from ``β₀``
+    keeps every float32 quantity of the size of the residuals.
     """
-    resid = stats.R @ beta - stats.Qty
+    resid = stats.R @ delta - stats.c
     ss = jnp.sum(resid**2, axis=-1) + stats.rss0
     return -stats.n * (jnp.log(sigma) + 0.5 * jnp.log(2 * jnp.pi)) - 0.5 * ss / sigma**2
 
@@ -106,7 +117,8 @@ def last_layer_pc_model(
         β ~ LastLayerPC(β_S, L, σ, λ)                               (``centred=True``)
 
     with ``LLᵀ = G = Φ̃ᵀΦ̃/m`` over reference features. Likelihood
-    ``y ~ N(Φβ, σ² I)`` through :func:`gaussian_loglik_suffstats` (``stats=None``: prior only).
+    ``y ~ N(Φβ, σ² I)`` through :func:`gaussian_loglik_suffstats`, with ``stats`` measured from
+    ``β₀ = β_S`` (``last_layer_sufficient_stats(Φ, y, beta_source)``; ``stats=None``: prior only).
     Sites: ``sigma``, ``distance``, ``z`` (non-centred) and ``beta``.
     """
     sigma = _sigma(sigma_scale)
@@ -118,11 +130,12 @@ def last_layer_pc_model(
     else:
         d = numpyro.sample("distance", dist.Exponential(rate))
         z = numpyro.sample("z", dist.Normal(jnp.zeros(p), 1.0).to_event(1))
-        beta = numpyro.deterministic(
-            "beta", last_layer_pc_transform(d, z, beta_source, chol_G, sigma)
-        )
+        delta = last_layer_pc_offset(d, z, chol_G, sigma)
+        beta = numpyro.deterministic("beta", beta_source + delta)
     if stats is not None:
-        numpyro.factor("loglik", gaussian_loglik_suffstats(beta, sigma, stats))
+        if centred:
+            delta = beta - beta_source
+        numpyro.factor("loglik", gaussian_loglik_suffstats(delta, sigma, stats))
 
 
 def scale_pc_model(

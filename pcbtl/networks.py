@@ -235,7 +235,7 @@ class SourceModel:
                     info=dict(meta.get("info", {})),
                 )
         except (zipfile.BadZipFile, OSError, EOFError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path} is not a readable pcbtl SourceModel file: {exc}") from exc
+            raise ValueError(f"{path} is not a valid pcbtl SourceModel file: {exc}") from exc
         except ValueError as exc:
             raise ValueError(f"{path} is not a valid pcbtl SourceModel file: {exc}") from exc
         expected = set(model.layer_names)

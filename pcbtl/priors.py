@@ -118,28 +118,27 @@ def last_layer_pc_log_density(beta, beta_source, chol_G, sigma, rate):
     d = jnp.linalg.norm(w, axis=-1)
     half_logdet = jnp.sum(jnp.log(jnp.diag(chol_G)))
     log_area = math.log(2.0) + 0.5 * p * math.log(math.pi) - gammaln(0.5 * p)
-    return (
-        jnp.log(rate)
-        - rate * d
-        - log_area
-        - (p - 1) * jnp.log(d)
-        + half_logdet
-        - p * jnp.log(sigma)
-    )
+    radial = (p - 1) * jnp.log(d) if p > 1 else 0.0  # 0·log 0 = 0 when p = 1
+    return jnp.log(rate) - rate * d - log_area - radial + half_logdet - p * jnp.log(sigma)
 
 
-def last_layer_pc_transform(distance, z, beta_source, chol_G, sigma):
-    r"""Non-centred map ``β = β_S + d σ L^{−ᵀ} z / ‖z‖`` (``z ~ N(0, I_p)``, ``d ~ Exp(λ)``)."""
+def last_layer_pc_offset(distance, z, chol_G, sigma):
+    r"""Non-centred offset ``δ = β − β_S = d σ L^{−ᵀ} z / ‖z‖`` (``z ~ N(0, I_p)``, ``d ~ Exp(λ)``).
+
+    ``‖Lᵀδ‖/σ = d`` exactly, and ``z/‖z‖`` is uniform on the sphere, so ``β_S + δ`` has the
+    density of :func:`last_layer_pc_log_density`.
+    """
     u = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
     w = jnp.expand_dims(distance, -1) * u
-    delta = solve_triangular(chol_G.T, w.T, lower=False).T
-    return beta_source + jnp.expand_dims(sigma, -1) * delta
+    flat = w.reshape(-1, w.shape[-1])
+    delta = solve_triangular(chol_G.T, flat.T, lower=False).T.reshape(w.shape)
+    return jnp.expand_dims(sigma, -1) * delta
 
 
 class LastLayerPC(dist.Distribution):
     r"""The last-layer PC prior on ``β ∈ R^p`` given ``σ`` (see :func:`last_layer_pc_log_density`).
 
-    ``sample`` uses the non-centred construction of :func:`last_layer_pc_transform`;
+    ``sample`` uses the non-centred construction of :func:`last_layer_pc_offset`;
     ``log_prob`` is the closed form, so NUTS on ``β ~ LastLayerPC(...)`` alone must give
     ``d ~ Exp(λ)`` — the test that catches a wrong Jacobian.
     """
@@ -158,14 +157,17 @@ class LastLayerPC(dist.Distribution):
         self.sigma = jnp.asarray(sigma)
         self.rate = jnp.asarray(rate)
         super().__init__(
-            batch_shape=(), event_shape=self.beta_source.shape[-1:], validate_args=validate_args
+            batch_shape=jnp.shape(self.sigma),
+            event_shape=self.beta_source.shape[-1:],
+            validate_args=validate_args,
         )
 
     def sample(self, key, sample_shape=()):
         k1, k2 = jax.random.split(key)
-        d = jax.random.exponential(k1, sample_shape) / self.rate
-        z = jax.random.normal(k2, sample_shape + self.event_shape)
-        return last_layer_pc_transform(d, z, self.beta_source, self.chol_G, self.sigma)
+        shape = sample_shape + self.batch_shape
+        d = jax.random.exponential(k1, shape) / self.rate
+        z = jax.random.normal(k2, shape + self.event_shape)
+        return self.beta_source + last_layer_pc_offset(d, z, self.chol_G, self.sigma)
 
     def log_prob(self, value):
         return last_layer_pc_log_density(
@@ -254,7 +256,7 @@ def check_distance_curve(tau: np.ndarray, r: np.ndarray) -> DistanceCurve:
             RuntimeWarning,
             stacklevel=2,
         )
-        r = np.maximum.accumulate(r) + 1e-9 * r.max() * tau / tau[-1]
+        r = np.maximum.accumulate(r) + 1e-5 * r.max() * tau / tau[-1]
     return DistanceCurve(tau=jnp.asarray(tau, jnp.float32), r=jnp.asarray(r, jnp.float32))
 
 

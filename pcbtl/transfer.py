@@ -319,7 +319,9 @@ class PCTransferRegressor(PosteriorRegressor):
         if self.prior == "last_layer":
             stats = None
             if X is not None:
-                stats = last_layer_sufficient_stats(_with_bias(self.source.features(X)), y)
+                stats = last_layer_sufficient_stats(
+                    _with_bias(self.source.features(X)), y, setup["beta_source"]
+                )
             return dict(
                 beta_source=setup["beta_source"], chol_G=setup["chol_G"], stats=stats, **common
             )

@@ -1,0 +1,207 @@
+"""PCTransferRegressor: limits, posterior recovery, input checks, ArviZ output, SVI, seeds."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pcbtl
+from pcbtl.networks import transfer_parametrization
+
+FAST = dict(num_warmup=250, num_samples=250, progress_bar=False)
+
+
+def _interval_coverage(model, X, y):
+    lo, hi = model.predict_interval(X)
+    return float(np.mean((y >= lo) & (y <= hi)))
+
+
+@pytest.mark.parametrize("prior", ["last_layer", "scale"])
+def test_tiny_U_gives_the_source_predictions(task, source, prior):
+    model = pcbtl.PCTransferRegressor(source, prior=prior, U=1e-3, n_eps=8, **FAST)
+    model.fit(task.X_target, task.y_target)
+    diff = np.abs(model.predict(task.X_test) - source.predict(task.X_test))
+    # d ~ Exp(3000): the mean function moves by ~1e-3 noise sds; allow 1% of the source noise sd
+    assert diff.max() < 0.01 * source.noise_sd
+    assert np.median(model.distance_) < 0.01
+
+
+def test_huge_U_gives_the_least_squares_last_layer(source):
+    big = pcbtl.make_synthetic_task(
+        n_source=10, n_target=3000, n_test=300, n_features=3, shift=2.0, noise_sd=0.2, seed=1
+    )
+    model = pcbtl.PCTransferRegressor(source, U=1e4, **FAST).fit(big.X_target, big.y_target)
+    Phi = np.c_[source.features(big.X_target), np.ones(len(big.y_target))]
+    beta_ls = np.linalg.lstsq(Phi, big.y_target, rcond=None)[0]
+    Phi_test = np.c_[source.features(big.X_test), np.ones(len(big.y_test))]
+    gap = np.sqrt(np.mean((model.predict(big.X_test) - Phi_test @ beta_ls) ** 2))
+    # posterior sd of the mean is ~σ·sqrt(p/n) ≈ 0.015; the posterior mean must sit on the
+    # least-squares fit to within a fifth of the noise sd (prior pull and Monte Carlo error)
+    assert gap < 0.04
+    shift = np.sqrt(np.mean((source.predict(big.X_test) - Phi_test @ beta_ls) ** 2))
+    assert shift > 0.2  # the source itself is far from the fit, so the check has teeth
+
+
+def _recovery_task(source, kind, seed=11, n_target=100, n_test=1000, sigma=0.2):
+    """Target data drawn from the model itself, with a known shift from the source."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n_target + n_test, source.n_features))
+    if kind == "last_layer":
+        Phi = np.c_[source.features(X), np.ones(len(X))]
+        delta = rng.standard_normal(Phi.shape[1])
+        delta *= 1.5 * sigma / np.sqrt(np.mean((Phi @ delta) ** 2))  # d = 1.5
+        f = Phi @ (source.head() + delta)
+    else:
+        tp = transfer_parametrization(source, "all")
+        eps = rng.standard_normal(tp.theta_source.shape[0])
+        f = np.asarray(tp.predict_fn(tp.theta_source + 0.15 * tp.scales * eps, jnp.asarray(X)))
+        assert 0.5 * sigma < np.sqrt(np.mean((f - source.predict(X)) ** 2)) < 4 * sigma
+    y = f + sigma * rng.standard_normal(len(X))
+    return X[:n_target], y[:n_target], X[n_target:], y[n_target:]
+
+
+@pytest.mark.parametrize("prior", ["last_layer", "scale"])
+def test_posterior_recovery_coverage(source, prior):
+    Xt, yt, Xe, ye = _recovery_task(source, prior)
+    model = pcbtl.PCTransferRegressor(source, prior=prior, n_eps=16, **FAST).fit(Xt, yt)
+    cov = _interval_coverage(model, Xe, ye)
+    # 1,000 test points: the binomial sd of the coverage of a calibrated 95% interval is 0.007,
+    # so [0.90, 0.99] is more than 5 sds wide on each side
+    assert 0.90 <= cov <= 0.99
+    rmse = np.sqrt(np.mean((model.predict(Xe) - ye) ** 2))
+    src = np.sqrt(np.mean((source.predict(Xe) - ye) ** 2))
+    assert rmse < src
+    assert model.num_divergences_ <= 0.01 * model.num_samples
+
+
+BAD_FIT = [
+    (lambda t: (np.where(t.X_target > 1.5, np.nan, t.X_target), t.y_target), "X contains NaN"),
+    (lambda t: (t.X_target, np.r_[t.y_target[:-1], np.inf]), "y contains NaN or inf"),
+    (lambda t: (t.X_target[:, :2], t.y_target), "X has 2 features"),
+    (lambda t: (t.X_target, t.y_target[:-3]), "mismatched lengths"),
+    (lambda t: (t.X_target[:0], t.y_target[:0]), "at least 2 target rows"),
+    (lambda t: (t.X_target[:1], t.y_target[:1]), "at least 2 target rows"),
+    (lambda t: (t.X_target[:, 0], t.y_target), "X must be 2-D"),
+]
+
+
+@pytest.mark.parametrize("make_args,match", BAD_FIT)
+def test_bad_fit_input_raises_and_leaves_nothing_half_fitted(task, source, make_args, match):
+    model = pcbtl.PCTransferRegressor(source, **FAST)
+    with pytest.raises(ValueError, match=match):
+        model.fit(*make_args(task))
+    assert [k for k in vars(model) if k.endswith("_")] == []
+    with pytest.raises(RuntimeError, match="not fitted"):
+        model.predict(task.X_test)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"U": 0.0}, "U must be"),
+        ({"U": -2}, "U must be"),
+        ({"alpha": 1.0}, "alpha must"),
+        ({"alpha": 0.0}, "alpha must"),
+        ({"prior": "gaussian"}, "prior must"),
+        ({"prior": "scale", "transfer_layers": ["hidden_9"]}, "transfer_layers"),
+        ({"prior": "last_layer", "transfer_layers": "all"}, "transfer_layers"),
+        ({"inference": "advi"}, "inference must"),
+        ({"reference_X": np.ones((5, 7))}, "reference_X has 7 features"),
+    ],
+)
+def test_bad_arguments_name_the_argument(task, source, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pcbtl.PCTransferRegressor(source, **kwargs).fit(task.X_target, task.y_target)
+
+
+def test_refit_failure_keeps_the_previous_fit(task, source):
+    model = pcbtl.PCTransferRegressor(source, **FAST).fit(task.X_target, task.y_target)
+    before = model.predict(task.X_test)
+    with pytest.raises(ValueError):
+        model.fit(task.X_target, task.y_target[:-1])
+    np.testing.assert_array_equal(model.predict(task.X_test), before)
+
+
+@pytest.fixture(scope="module")
+def fitted(task, source):
+    return pcbtl.PCTransferRegressor(source, seed=3, **FAST).fit(task.X_target, task.y_target)
+
+
+def test_inference_data_groups_and_shapes(task, fitted):
+    idata = fitted.idata_
+    for group in (
+        "posterior",
+        "posterior_predictive",
+        "log_likelihood",
+        "sample_stats",
+        "observed_data",
+    ):
+        assert hasattr(idata, group), group
+    n = len(task.y_target)
+    assert idata.log_likelihood["y"].shape == (1, 250, n)
+    assert idata.posterior_predictive["y"].shape == (1, 250, n)
+    np.testing.assert_array_equal(idata.observed_data["y"].values, task.y_target)
+    assert {"sigma", "distance", "beta"} <= set(idata.posterior.data_vars)
+    assert {"diverging", "tree_depth", "lp", "step_size"} <= set(idata.sample_stats.data_vars)
+    # the per-row log likelihood sums to the model's sufficient-statistic likelihood
+    beta = fitted.posterior_.flat("beta")[0]
+    sigma = fitted.posterior_.flat("sigma")[0]
+    Phi = np.c_[fitted.source.features(task.X_target), np.ones(n)]
+    expected = np.sum(
+        -np.log(sigma) - 0.5 * np.log(2 * np.pi) - 0.5 * ((task.y_target - Phi @ beta) / sigma) ** 2
+    )
+    assert float(idata.log_likelihood["y"].values[0, 0].sum()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_prediction_api(task, fitted):
+    mu, sd = fitted.predict(task.X_test, return_std=True)
+    lo, hi = fitted.predict_interval(task.X_test, level=0.9)
+    assert mu.shape == sd.shape == lo.shape == hi.shape == (len(task.y_test),)
+    assert np.all(sd > 0) and np.all(lo < mu) and np.all(mu < hi)
+    lo50, hi50 = fitted.predict_interval(task.X_test, level=0.5)
+    assert np.all(lo < lo50) and np.all(hi50 < hi)
+    draws = fitted.sample_posterior_predictive(task.X_test[:7], seed=1)
+    assert draws.shape == (250, 7)
+    # interval endpoints are the mixture quantiles: ~5% of predictive draws fall below lo
+    many = np.concatenate(
+        [fitted.sample_posterior_predictive(task.X_test[:7], seed=s) for s in range(40)]
+    )
+    below = np.mean(many < lo[:7], axis=0)
+    assert np.all(np.abs(below - 0.05) < 0.02)  # 10,000 draws: binomial sd 0.0022
+    assert fitted.distance_.shape == (250,)
+    with pytest.raises(ValueError, match="level"):
+        fitted.predict_interval(task.X_test, level=1.5)
+    with pytest.raises(ValueError, match="X has 4 features"):
+        fitted.predict(np.ones((3, 4)))
+
+
+def test_same_seed_same_result(task, source, fitted):
+    again = pcbtl.PCTransferRegressor(source, seed=3, **FAST).fit(task.X_target, task.y_target)
+    np.testing.assert_array_equal(again.distance_, fitted.distance_)
+    other = pcbtl.PCTransferRegressor(source, seed=4, **FAST).fit(task.X_target, task.y_target)
+    assert not np.array_equal(other.distance_, fitted.distance_)
+
+
+def test_svi_gives_a_usable_approximation(task, source, fitted):
+    svi = pcbtl.PCTransferRegressor(
+        source, inference="svi", svi_steps=3000, num_samples=500, progress_bar=False
+    ).fit(task.X_target, task.y_target)
+    assert svi.idata_.attrs["inference_method"] == "svi"
+    rmse = lambda m: math.sqrt(np.mean((m.predict(task.X_test) - task.y_test) ** 2))  # noqa: E731
+    assert rmse(svi) < rmse(fitted) * 1.25
+    assert np.median(svi.distance_) == pytest.approx(np.median(fitted.distance_), rel=0.5)
+
+
+def test_target_only_bayesian_network(task):
+    bnn = pcbtl.BayesianNetworkRegressor(
+        hidden=(8,), num_warmup=200, num_samples=200, progress_bar=False
+    )
+    bnn.fit(task.X_target, task.y_target)
+    mu, sd = bnn.predict(task.X_test, return_std=True)
+    # better than predicting the target mean, the trivial baseline
+    assert np.mean((mu - task.y_test) ** 2) < np.var(task.y_test)
+    assert np.all(sd > 0)
+    assert 0.8 <= _interval_coverage(bnn, task.X_test, task.y_test) <= 1.0
