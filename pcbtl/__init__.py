@@ -9,6 +9,7 @@ are public for users who build their own samplers.
 
 from pcbtl import kl, models, priors
 from pcbtl.inference import Posterior, make_log_density, run_nuts, run_svi, to_inference_data
+from pcbtl.methods import make_method, methods
 from pcbtl.networks import SourceModel, train_source, transfer_parametrization
 from pcbtl.priors import LastLayerPC, ScalePC, pc_rate
 from pcbtl.simulation import make_synthetic_task
@@ -25,6 +26,8 @@ __all__ = [
     "SourceModel",
     "kl",
     "make_log_density",
+    "make_method",
+    "methods",
     "make_synthetic_task",
     "models",
     "pc_rate",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pcbtl.study import add_simulate_command
+
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
@@ -129,7 +131,7 @@ def _add_demo(sub) -> None:
 
 
 #: Sub-command registrars: each adds its parser to the ``subparsers`` object.
-COMMANDS: list[Callable] = [_add_demo]
+COMMANDS: list[Callable] = [_add_demo, add_simulate_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

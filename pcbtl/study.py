@@ -1,0 +1,585 @@
+r"""The simulation study: every transfer-learning method of :mod:`pcbtl.methods` on one grid.
+
+Data-generating process (one *setting* = ``(δ, n_T, c)``; every replicate seeded):
+
+* inputs in ``d = n_features = 10`` dimensions; source inputs ``x ~ N(0, I_d)``;
+* the source function ``f_S`` is a random teacher network (one tanh hidden layer of 32 units,
+  rescaled to unit sd; :func:`pcbtl.simulation.teacher_network`);
+* the target function is ``f_T = f_S + δ σ h`` with ``h`` an independent 8-unit teacher of unit
+  RMS, so the discrepancy has RMS size ``δ`` noise sds, ``δ ∈ {0, 0.5, 1, 2}``; or the target is
+  ``"unrelated"``: an independent 32-unit teacher (nothing to transfer);
+* labels ``y = f(x) + σ e``, ``e ~ N(0, 1)``, ``σ = noise_sd = 0.2`` for both tasks;
+* ``n_S = 5000`` source rows, ``n_T ∈ {25, 50, 100, 250, 500}`` target rows, and 2,000 fresh
+  target test rows;
+* optional covariate shift ``c``: target (and test) inputs ``x ~ N(c·1/√d, I_d)``.
+
+For each replicate a source network is trained on the source rows (:func:`pcbtl.train_source`)
+and every method is fitted to the target rows; the replicate's seed is a fixed function of
+``(seed, δ, n_T, c, replicate)`` (:func:`replicate_seed`), so any row can be re-run alone.
+
+Metrics on the test rows (:func:`score`): RMSE and MAE of the predictive mean against the test
+labels, coverage and mean width of the central 95% interval, mean log predictive density (MLPD)
+and the continuous ranked probability score (CRPS, lower is better). Posterior-draw methods are
+scored with their Gaussian-mixture predictive, the others with their Gaussian predictive.
+
+Outputs of :func:`run_study`: ``results.csv`` (one row per setting, replicate and method),
+``summary.md`` (means ± standard errors over replicates), ``rmse_vs_ntarget.png`` and
+``coverage.png``, and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import time
+import traceback
+import zlib
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+from pcbtl.methods import METHODS, fit_replicates, make_method, methods, supports_batching
+from pcbtl.networks import train_source
+from pcbtl.simulation import make_synthetic_task
+from pcbtl.transfer import PosteriorRegressor
+
+__all__ = [
+    "METRICS",
+    "QUICK",
+    "StudyConfig",
+    "replicate_seed",
+    "run_study",
+    "score",
+    "summarise",
+    "add_simulate_command",
+]
+
+METRICS = ("rmse", "mae", "coverage95", "width95", "mlpd", "crps")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The grid and the fitting budgets of a study.
+
+    ``deltas`` holds discrepancy sizes (noise sds) and/or ``"unrelated"``; ``covariate_shifts``
+    the input shifts ``c`` (0: none). ``source_hidden``/``source_max_epochs`` set the source
+    network; ``learner_hidden`` the networks of the target-only and Hutchinson BNN learners;
+    ``num_warmup``/``num_samples`` every NUTS fit; ``n_estimators`` every forest.
+    ``batched=True`` fits the replicates of a setting in one vmapped NUTS job where the model
+    allows it (:func:`pcbtl.methods.supports_batching`).
+    """
+
+    deltas: tuple[Any, ...] = (0.0, 0.5, 1.0, 2.0, "unrelated")
+    n_targets: tuple[int, ...] = (25, 50, 100, 250, 500)
+    covariate_shifts: tuple[float, ...] = (0.0,)
+    n_replicates: int = 20
+    n_source: int = 5000
+    n_test: int = 2000
+    n_features: int = 10
+    noise_sd: float = 0.2
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(methods()))
+    source_hidden: tuple[int, ...] = (32, 32)
+    source_max_epochs: int = 300
+    learner_hidden: tuple[int, ...] = (16,)
+    num_warmup: int = 500
+    num_samples: int = 500
+    n_estimators: int = 200
+    multitask_source_rows: int = 1000
+    pc_scale_reference: int = 2000
+    batched: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"methods holds unknown name(s) {unknown}; valid: {methods()}")
+        for d in self.deltas:
+            if d != "unrelated" and not (isinstance(d, int | float) and d >= 0):
+                raise ValueError(f"deltas must be non-negative numbers or 'unrelated', got {d!r}")
+        if self.n_replicates < 1:
+            raise ValueError(f"n_replicates must be positive, got {self.n_replicates}")
+        if any(int(n) < 4 for n in self.n_targets):
+            raise ValueError(f"n_targets must all be at least 4, got {self.n_targets}")
+
+
+#: The ``--quick`` grid (CI): δ ∈ {0, 2, unrelated}, n_T = 50, 3 replicates, short chains.
+QUICK = StudyConfig(
+    deltas=(0.0, 2.0, "unrelated"),
+    n_targets=(50,),
+    n_replicates=3,
+    num_warmup=150,
+    num_samples=150,
+    n_estimators=100,
+    source_max_epochs=150,
+    multitask_source_rows=500,
+    pc_scale_reference=1000,
+)
+
+
+def _delta_label(delta: Any) -> str:
+    return "unrelated" if delta == "unrelated" else f"{float(delta):g}"
+
+
+def replicate_seed(seed: int, delta: Any, n_target: int, covariate_shift: float, rep: int) -> int:
+    """A 31-bit seed fixed by the setting and the replicate (stable across grids)."""
+    key = f"{_delta_label(delta)}|{int(n_target)}|{float(covariate_shift):g}".encode()
+    ss = np.random.SeedSequence([int(seed), zlib.crc32(key), int(rep)])
+    return int(ss.generate_state(1)[0] % (2**31 - 1))
+
+
+# --------------------------------------------------------------------------------------------
+# scoring
+# --------------------------------------------------------------------------------------------
+
+
+def _predictive_mixture(est: Any, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Component means (S, n) and sds (S, n) of the predictive of a fitted estimator."""
+    if isinstance(est, PosteriorRegressor) and hasattr(est, "posterior_"):
+        means = np.asarray(est._means(X), np.float64)
+        sig = np.asarray(est.sigma_draws_, np.float64)
+        return means, np.broadcast_to(sig[:, None], means.shape)
+    mu, sd = est.predict(X, return_std=True)
+    return np.asarray(mu, np.float64)[None], np.asarray(sd, np.float64)[None]
+
+
+def _abs_normal_mean(m, s):
+    """``E|Z|`` for ``Z ~ N(m, s²)``: ``m(2Φ(m/s) − 1) + 2s φ(m/s)``."""
+    u = m / s
+    return m * (2 * norm.cdf(u) - 1) + 2 * s * norm.pdf(u)
+
+
+def mixture_crps(means: np.ndarray, sds: np.ndarray, y: np.ndarray, max_components: int = 100):
+    r"""CRPS of the Gaussian mixture ``(1/S) Σ_s N(μ_s, σ_s²)`` at ``y``, per point, in closed form:
+
+        CRPS = (1/S) Σ_s E|X_s − y| − (1/(2S²)) Σ_{s,t} E|X_s − X_t|
+
+    with ``E|N(m, v)| = m(2Φ(m/√v) − 1) + 2√v φ(m/√v)`` (Grimit et al. 2006). At most
+    ``max_components`` evenly spaced draws are used (the pair term costs ``S²``).
+    """
+    S = means.shape[0]
+    if S > max_components:
+        idx = np.linspace(0, S - 1, max_components).round().astype(int)
+        means, sds = means[idx], sds[idx]
+    out = np.empty(y.shape[0])
+    for a in range(0, y.shape[0], 200):
+        m, s, yy = means[:, a : a + 200], sds[:, a : a + 200], y[a : a + 200]
+        t1 = _abs_normal_mean(yy[None] - m, s).mean(0)
+        dm = m[:, None] - m[None]
+        ds = np.sqrt(s[:, None] ** 2 + s[None] ** 2)
+        t2 = _abs_normal_mean(dm, ds).mean((0, 1))
+        out[a : a + 200] = t1 - 0.5 * t2
+    return out
+
+
+def score(est: Any, X: np.ndarray, y: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """The study's metrics of a fitted estimator on test rows ``(X, y)`` (see module docs)."""
+    mu = np.asarray(est.predict(X), np.float64)
+    lo, hi = est.predict_interval(X, level=level)
+    means, sds = _predictive_mixture(est, X)
+    S = means.shape[0]
+    logp = norm.logpdf(y[None], means, sds)
+    return {
+        "rmse": float(np.sqrt(np.mean((mu - y) ** 2))),
+        "mae": float(np.mean(np.abs(mu - y))),
+        "coverage95": float(np.mean((y >= lo) & (y <= hi))),
+        "width95": float(np.mean(np.asarray(hi) - np.asarray(lo))),
+        "mlpd": float(np.mean(logsumexp(logp, axis=0) - math.log(S))),
+        "crps": float(np.mean(mixture_crps(means, sds, y))),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+
+
+def _method_options(name: str, cfg: StudyConfig, task, seed: int) -> dict[str, Any]:
+    nuts = {"num_warmup": cfg.num_warmup, "num_samples": cfg.num_samples, "seed": seed}
+    rf = {"n_estimators": cfg.n_estimators, "seed": seed}
+    src_data = {"source_X": task.X_source, "source_y": task.y_source}
+    if name == "source-only":
+        return {}
+    if name == "fine-tuning":
+        return {"seed": seed}
+    if name in ("pretrained-gaussian", "bayes-last-layer", "pc-last-layer"):
+        return nuts
+    if name == "pc-scale":
+        return {**nuts, "max_reference": cfg.pc_scale_reference}
+    if name == "target-only":
+        return {**nuts, "hidden": cfg.learner_hidden}
+    arch, base = name.rsplit("-", 1)
+    opts = {**(rf if base == "rf" else {**nuts, "hidden": cfg.learner_hidden})}
+    if arch == "multitask":
+        opts["max_source_rows"] = cfg.multitask_source_rows if base == "bnn" else cfg.n_source
+    if METHODS[name].uses_source_data:
+        opts.update(src_data)
+    return opts
+
+
+def _settings(cfg: StudyConfig):
+    for c in cfg.covariate_shifts:
+        for delta in cfg.deltas:
+            for n_t in cfg.n_targets:
+                yield delta, int(n_t), float(c)
+
+
+def run_study(
+    config: StudyConfig, out: str | Path | None = None, *, verbose: bool = True
+) -> list[dict[str, Any]]:
+    """Run every (setting, replicate, method) of ``config``; write the outputs into ``out``.
+
+    Returns the rows of ``results.csv``. A method that raises is recorded with NaN metrics and
+    its error message (column ``error``) instead of stopping the study.
+    """
+    out = None if out is None else Path(out)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {"config": asdict(config), **environment()}
+        (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
+    rows: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    for delta, n_t, c in _settings(config):
+        label = _delta_label(delta)
+        seeds = [replicate_seed(config.seed, delta, n_t, c, r) for r in range(config.n_replicates)]
+        tasks, sources = [], []
+        t0 = time.perf_counter()
+        for s in seeds:
+            task = make_synthetic_task(
+                n_source=config.n_source,
+                n_target=n_t,
+                n_test=config.n_test,
+                n_features=config.n_features,
+                shift=0.0 if delta == "unrelated" else float(delta),
+                noise_sd=config.noise_sd,
+                covariate_shift=c,
+                unrelated=delta == "unrelated",
+                seed=s,
+            )
+            tasks.append(task)
+            sources.append(
+                train_source(
+                    task.X_source,
+                    task.y_source,
+                    hidden=config.source_hidden,
+                    max_epochs=config.source_max_epochs,
+                    seed=s,
+                    progress_bar=False,
+                )
+            )
+        if verbose:
+            print(
+                f"setting δ={label} n_T={n_t} shift={c:g}: {len(seeds)} sources trained in "
+                f"{time.perf_counter() - t0:.0f} s",
+                flush=True,
+            )
+        for name in config.methods:
+            t0 = time.perf_counter()
+            ests = [
+                make_method(name, src, **_method_options(name, config, task, s))
+                for task, src, s in zip(tasks, sources, seeds, strict=True)
+            ]
+            errors = [""] * len(ests)
+            if config.batched and all(supports_batching(e) for e in ests):
+                try:
+                    fit_replicates(ests, [(t.X_target, t.y_target) for t in tasks])
+                except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
+                    errors = [f"{type(exc).__name__}: {exc}"] * len(ests)
+                    if verbose:
+                        traceback.print_exc()
+            else:
+                for i, (est, task) in enumerate(zip(ests, tasks, strict=True)):
+                    try:
+                        est.fit(task.X_target, task.y_target)
+                        est.batched_ = False
+                    except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
+                        errors[i] = f"{type(exc).__name__}: {exc}"
+            for r, (est, task, s) in enumerate(zip(ests, tasks, seeds, strict=True)):
+                metrics = dict.fromkeys(METRICS, float("nan"))
+                if not errors[r]:
+                    try:
+                        metrics = score(est, task.X_test, task.y_test)
+                    except Exception as exc:  # noqa: BLE001
+                        errors[r] = f"{type(exc).__name__}: {exc}"
+                rows.append(
+                    {
+                        "delta": label,
+                        "n_target": n_t,
+                        "covariate_shift": c,
+                        "replicate": r,
+                        "seed": s,
+                        "method": name,
+                        **metrics,
+                        "fit_seconds": float(getattr(est, "fit_seconds_", float("nan"))),
+                        "batched": bool(getattr(est, "batched_", False)),
+                        "divergences": int(getattr(est, "num_divergences_", 0)),
+                        "error": errors[r],
+                    }
+                )
+            if verbose:
+                done = [rw for rw in rows[-len(ests) :]]
+                rmse = np.nanmean([rw["rmse"] for rw in done])
+                cov = np.nanmean([rw["coverage95"] for rw in done])
+                print(
+                    f"  {name:<20} {time.perf_counter() - t0:6.1f} s  RMSE {rmse:.3f}  "
+                    f"cover95 {cov:.2f}" + ("  [batched]" if done[0]["batched"] else ""),
+                    flush=True,
+                )
+        if out is not None:
+            write_csv(rows, out / "results.csv")
+    if out is not None:
+        write_csv(rows, out / "results.csv")
+        (out / "summary.md").write_text(
+            summary_markdown(rows, time.perf_counter() - t_start, config)
+        )
+        plot_results(rows, out)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    if not rows:
+        return
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``results.csv`` with numbers parsed."""
+    out = []
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            for k in (*METRICS, "fit_seconds", "covariate_shift"):
+                row[k] = float(row[k])
+            for k in ("n_target", "replicate", "seed", "divergences"):
+                row[k] = int(row[k])
+            row["batched"] = row["batched"] == "True"
+            out.append(row)
+    return out
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[float, float, int]]]:
+    """``{(shift, delta, n_T, method): {metric: (mean, standard error, n)}}`` over replicates."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["covariate_shift"], r["delta"], r["n_target"], r["method"])].append(r)
+    out = {}
+    for key, rs in groups.items():
+        stats = {}
+        for m in (*METRICS, "fit_seconds"):
+            v = np.array([r[m] for r in rs], float)
+            v = v[np.isfinite(v)]
+            se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+            stats[m] = (float(v.mean()) if v.size else float("nan"), se, int(v.size))
+        out[key] = stats
+    return out
+
+
+def environment() -> dict[str, str]:
+    """Date, package versions and machine, for the record."""
+    import jax
+    import numpyro
+    import sklearn
+
+    import pcbtl
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "pcbtl": pcbtl.__version__,
+        "jax": jax.__version__,
+        "numpyro": numpyro.__version__,
+        "scikit-learn": sklearn.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} "
+        f"{_cpu_name()}, {__import__('os').cpu_count()} cores, {jax.default_backend()}".strip(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | None = None) -> str:
+    """Markdown tables of means ± standard errors, one table per setting."""
+    env = environment()
+    summ = summarise(rows)
+    reps = max((r["replicate"] for r in rows), default=-1) + 1
+    lines = [
+        "# pcbtl simulation study",
+        "",
+        f"{env['date']} · pcbtl {env['pcbtl']} · JAX {env['jax']} · NumPyro {env['numpyro']} · "
+        f"scikit-learn {env['scikit-learn']} · {env['machine']}",
+        "",
+        f"{reps} replicate(s) per setting; entries are mean ± standard error over replicates. "
+        "RMSE/MAE/CRPS: lower is better; coverage95: nominal 0.95; MLPD: higher is better.",
+    ]
+    if config is not None:
+        lines.append(
+            f"n_S = {config.n_source}, n_test = {config.n_test}, d = {config.n_features}, "
+            f"noise sd = {config.noise_sd}; NUTS {config.num_warmup} warmup + "
+            f"{config.num_samples} draws; source network {config.source_hidden}; "
+            f"learner networks {config.learner_hidden}; forests {config.n_estimators} trees."
+        )
+    if seconds is not None:
+        lines.append(f"Total run time {seconds / 60:.1f} min.")
+    settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
+    order = {m: i for i, m in enumerate(methods())}
+    for c, delta, n_t in settings:
+        lines += [
+            "",
+            f"## δ = {delta}, n_T = {n_t}, covariate shift = {c:g}",
+            "",
+            "| method | RMSE | MAE | coverage95 | width95 | MLPD | CRPS | fit s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        keys = sorted(
+            (k for k in summ if k[:3] == (c, delta, n_t)), key=lambda k: order.get(k[3], 99)
+        )
+        for k in keys:
+            s = summ[k]
+            cells = [_pm(*s[m][:2], 3) for m in METRICS] + [f"{s['fit_seconds'][0]:.1f}"]
+            lines.append(f"| {k[3]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _delta_order(label: str) -> float:
+    return math.inf if label == "unrelated" else float(label)
+
+
+def _pm(mean: float, se: float, digits: int) -> str:
+    if not math.isfinite(mean):
+        return "—"
+    if not math.isfinite(se):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``rmse_vs_ntarget.png`` (mean RMSE ± se vs n_T, a panel per δ, first covariate shift) and
+    ``coverage.png`` (95% coverage of every replicate and setting, per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summ = summarise(rows)
+    shift0 = min(k[0] for k in summ)
+    deltas = sorted({k[1] for k in summ}, key=_delta_order)
+    names = [m for m in methods() if any(k[3] == m for k in summ)]
+    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(
+        1, len(deltas), figsize=(4.0 * len(deltas), 3.8), squeeze=False, sharey=False
+    )
+    for ax, delta in zip(axes[0], deltas, strict=True):
+        for i, m in enumerate(names):
+            ks = sorted(
+                (k for k in summ if k[0] == shift0 and k[1] == delta and k[3] == m),
+                key=lambda k: k[2],
+            )
+            if not ks:
+                continue
+            x = [k[2] for k in ks]
+            y = [summ[k]["rmse"][0] for k in ks]
+            e = [summ[k]["rmse"][1] if math.isfinite(summ[k]["rmse"][1]) else 0 for k in ks]
+            style = "-" if m.startswith("pc-") else "--"
+            lw = 2.2 if m.startswith("pc-") else 1.0
+            ax.errorbar(x, y, yerr=e, marker="o", ms=3, ls=style, lw=lw, color=cmap(i), label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("target size n_T")
+        ax.set_title(f"δ = {delta}", fontsize=10)
+    axes[0][0].set_ylabel("test RMSE")
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    p1 = out / "rmse_vs_ntarget.png"
+    fig.savefig(p1, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
+    data = [
+        [r["coverage95"] for r in rows if r["method"] == m and math.isfinite(r["coverage95"])]
+        for m in names
+    ]
+    ax.boxplot(data, showfliers=True)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=8)
+    ax.axhline(0.95, color="k", lw=0.8, ls=":")
+    ax.set_ylabel("95% interval coverage")
+    ax.set_title("coverage over all settings and replicates", fontsize=10)
+    fig.tight_layout()
+    p2 = out / "coverage.png"
+    fig.savefig(p2, dpi=110)
+    plt.close(fig)
+    return [p1, p2]
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_delta(text: str) -> Any:
+    return "unrelated" if text == "unrelated" else float(text)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    cfg = QUICK if args.quick else StudyConfig()
+    changes: dict[str, Any] = {}
+    if args.replicates is not None:
+        changes["n_replicates"] = args.replicates
+    if args.methods:
+        changes["methods"] = tuple(args.methods.split(","))
+    if args.deltas:
+        changes["deltas"] = tuple(_parse_delta(t) for t in args.deltas.split(","))
+    if args.n_targets:
+        changes["n_targets"] = tuple(int(t) for t in args.n_targets.split(","))
+    if args.covariate_shift:
+        changes["covariate_shifts"] = tuple(float(t) for t in args.covariate_shift.split(","))
+    if args.draws is not None:
+        changes["num_warmup"] = changes["num_samples"] = args.draws
+    if args.no_batch:
+        changes["batched"] = False
+    changes["seed"] = args.seed
+    cfg = replace(cfg, **changes)
+    rows = run_study(cfg, args.out, verbose=True)
+    bad = [r for r in rows if r["error"]]
+    print(
+        f"wrote {args.out}/results.csv ({len(rows)} rows), summary.md, rmse_vs_ntarget.png, "
+        f"coverage.png" + (f"; {len(bad)} failed fits (see the error column)" if bad else "")
+    )
+    return 0
+
+
+def add_simulate_command(sub) -> None:
+    """Registrar of ``pcbtl simulate`` for :data:`pcbtl.cli.COMMANDS`."""
+    p = sub.add_parser(
+        "simulate",
+        help="run the simulation study (every method on the δ × n_T grid) and write its outputs",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI grid: δ ∈ {0, 2, unrelated}, n_T = 50, 3 replicates, 150+150 NUTS draws",
+    )
+    p.add_argument("--replicates", type=int, default=None, help="replicates per setting")
+    p.add_argument("--methods", default=None, help=f"comma-separated subset of {methods()}")
+    p.add_argument("--deltas", default=None, help="comma-separated δ values and/or 'unrelated'")
+    p.add_argument("--n-targets", default=None, help="comma-separated target sizes")
+    p.add_argument("--covariate-shift", default=None, help="comma-separated input shifts c")
+    p.add_argument("--draws", type=int, default=None, help="NUTS warmup = samples = DRAWS")
+    p.add_argument("--no-batch", action="store_true", help="fit replicates one by one")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_simulate)

@@ -1,0 +1,199 @@
+"""Transfer-learning methods: one table-driven interface test, and one test per architecture."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+import pcbtl
+from pcbtl.methods import (
+    BayesianLastLayerRegressor,
+    fit_replicates,
+    make_method,
+    methods,
+    supports_batching,
+)
+
+EXPECTED = [
+    "source-only",
+    "target-only",
+    "fine-tuning",
+    "pretrained-gaussian",
+    "bayes-last-layer",
+    "pc-last-layer",
+    "pc-scale",
+    "multitask-bnn",
+    "multitask-rf",
+    "difference-bnn",
+    "difference-rf",
+    "latent-bnn",
+    "latent-rf",
+]
+
+NUTS = {"num_warmup": 40, "num_samples": 40}
+# tiny fits: the interface is under test here, not the statistics
+OPTIONS = {
+    "source-only": {},
+    "target-only": {**NUTS, "hidden": (4,)},
+    "fine-tuning": {"max_steps": 200, "patience": 50},
+    "pretrained-gaussian": NUTS,
+    "bayes-last-layer": NUTS,
+    "pc-last-layer": NUTS,
+    "pc-scale": {**NUTS, "max_reference": 300, "n_eps": 8, "n_tau": 16},
+    "multitask-bnn": {**NUTS, "hidden": (4,), "max_source_rows": 100},
+    "multitask-rf": {"n_estimators": 30, "max_source_rows": 300},
+    "difference-bnn": {**NUTS, "hidden": (4,)},
+    "difference-rf": {"n_estimators": 30},
+    "latent-bnn": {**NUTS, "hidden": (4,)},
+    "latent-rf": {"n_estimators": 30},
+}
+
+
+def _seeded(name, seed):
+    return {} if name == "source-only" else {"seed": seed}
+
+
+def test_methods_lists_every_method():
+    assert methods() == EXPECTED
+    assert pcbtl.methods() == EXPECTED
+    assert set(OPTIONS) == set(EXPECTED)
+
+
+def test_make_method_rejects_unknown_names_and_bad_sources(source):
+    with pytest.raises(ValueError, match="name must be one of"):
+        make_method("transfer-magic", source)
+    with pytest.raises(ValueError, match="source"):
+        make_method("pc-last-layer", "not a model")
+
+
+@pytest.mark.parametrize("name", EXPECTED)
+def test_every_method_shares_the_estimator_interface(name, task, source):
+    X, y = task.X_target[:40], task.y_target[:40]
+    Xt = task.X_test[:50]
+    est = make_method(name, source, **OPTIONS[name], **_seeded(name, 3))
+    with pytest.raises((RuntimeError, AttributeError)):
+        est.predict(Xt)  # not fitted yet
+    assert est.fit(X, y) is est
+    mu, sd = est.predict(Xt, return_std=True)
+    assert mu.shape == (50,) and sd.shape == (50,)
+    assert np.all(np.isfinite(mu)) and np.all(sd > 0)
+    np.testing.assert_allclose(est.predict(Xt), mu)
+    lo, hi = est.predict_interval(Xt, level=0.9)
+    assert lo.shape == hi.shape == (50,)
+    assert np.all(lo <= mu) and np.all(mu <= hi)
+    lo50, hi50 = est.predict_interval(Xt, level=0.5)
+    assert np.all(hi50 - lo50 < hi - lo)
+    # the same seed gives the same result
+    again = make_method(name, source, **OPTIONS[name], **_seeded(name, 3)).fit(X, y)
+    mu2, sd2 = again.predict(Xt, return_std=True)
+    np.testing.assert_allclose(mu2, mu, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(sd2, sd, rtol=1e-6, atol=1e-7)
+    # bad input raises ValueError naming the argument
+    bad = X.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="X"):
+        make_method(name, source, **OPTIONS[name]).fit(bad, y)
+    with pytest.raises(ValueError, match="mismatched"):
+        make_method(name, source, **OPTIONS[name]).fit(X, y[:-1])
+    with pytest.raises(ValueError, match="features"):
+        est.predict(Xt[:, :2])
+    with pytest.raises(ValueError, match="level"):
+        est.predict_interval(Xt, level=1.5)
+
+
+def test_difference_with_a_perfect_source_learns_a_zero_correction(task, source):
+    # target labels are the source network's own predictions plus N(0, 0.2²) noise, so the true
+    # correction is exactly 0. A Bayesian network fitted to 60 rows of pure noise has a posterior
+    # mean of RMS about σ·sqrt(k/n) for k effective parameters; 0.25σ = 0.05 allows k ≈ 4 and
+    # fails for any systematic correction of a tenth of the label sd (≈ 0.1).
+    rng = np.random.default_rng(7)
+    X = task.X_target
+    y = source.predict(X) + 0.2 * rng.standard_normal(X.shape[0])
+    est = make_method("difference-bnn", source, num_warmup=150, num_samples=150, hidden=(8,))
+    est.fit(X, y)
+    c_mean, c_sd = est.correction(task.X_test)
+    assert np.sqrt(np.mean(c_mean**2)) < 0.05
+    # and the correction's own 95% band holds 0 nearly everywhere
+    assert np.mean(np.abs(c_mean) < 1.96 * c_sd + 1e-12) > 0.9
+
+
+def test_latent_variable_with_a_useless_source_matches_target_only(task, source):
+    # a source whose output weights are 0 predicts one constant: the extra input carries nothing,
+    # so the latent-variable model is the target-only network (plus input weights that multiply
+    # a zero column). Tolerance: 10% of the test RMSE — the two runs differ only through
+    # the Monte Carlo error of 200 NUTS draws on different parameter vectors.
+    out = dict(source.params["output"])
+    out = {"kernel": np.zeros_like(out["kernel"]), "bias": np.zeros_like(out["bias"])}
+    useless = dataclasses.replace(source, params={**source.params, "output": out})
+    assert np.ptp(useless.predict(task.X_test)) == 0.0
+    opts = {"num_warmup": 200, "num_samples": 200, "hidden": (8,), "seed": 1}
+    latent = make_method("latent-bnn", useless, **opts).fit(task.X_target, task.y_target)
+    target = make_method("target-only", useless, **opts).fit(task.X_target, task.y_target)
+    r_latent = np.sqrt(np.mean((latent.predict(task.X_test) - task.f_test) ** 2))
+    r_target = np.sqrt(np.mean((target.predict(task.X_test) - task.f_test) ** 2))
+    assert abs(r_latent - r_target) < 0.1 * r_target
+    _, sd_l = latent.predict(task.X_test, return_std=True)
+    _, sd_t = target.predict(task.X_test, return_std=True)
+    assert abs(np.mean(sd_l) - np.mean(sd_t)) < 0.1 * np.mean(sd_t)
+
+
+def test_multitask_uses_rows_with_one_missing_label(task, source):
+    n = task.X_target.shape[0]
+    Y = np.full((n, 2), np.nan)
+    Y[: n // 2, 1] = task.y_target[: n // 2]  # target label only
+    Y[n // 2 :, 0] = task.y_target[n // 2 :] - 0.5  # source label only
+    Y[:5, 0] = task.y_target[:5]  # both labels
+    est = make_method("multitask-rf", source, n_estimators=30).fit(task.X_target, Y)
+    assert est.n_target_rows_ == n // 2
+    assert est.n_source_rows_ == n - n // 2 + 5
+    assert est.forest_.train_shape == (est.n_target_rows_ + est.n_source_rows_, 4)
+    # the same rows with their source labels dropped give a different fit: the labels were used
+    Y_t = Y.copy()
+    Y_t[:, 0] = np.nan
+    Y_t[n // 2 :, 0] = 0.0
+    other = make_method("multitask-rf", source, n_estimators=30).fit(task.X_target, Y_t)
+    assert not np.allclose(other.predict(task.X_test), est.predict(task.X_test))
+    Y_bad = Y.copy()
+    Y_bad[7] = np.nan
+    with pytest.raises(ValueError, match="neither label"):
+        make_method("multitask-rf", source).fit(task.X_target, Y_bad)
+    with pytest.raises(ValueError, match="2 columns"):
+        make_method("multitask-rf", source).fit(task.X_target, np.zeros((n, 3)))
+
+
+def test_rf_source_uncertainty_propagates(task, source):
+    # with a forest source, the difference predictive adds the source forest's jackknife
+    # variance: its sd must exceed that of the correction forest alone at every point
+    est = make_method(
+        "difference-rf", source, n_estimators=40, source_X=task.X_source, source_y=task.y_source
+    ).fit(task.X_target, task.y_target)
+    _, sd = est.predict(task.X_test, return_std=True)
+    _, v_s = est._source_pred(task.X_test)
+    c_mu, c_sd = est.correction(task.X_test)
+    np.testing.assert_allclose(sd**2, v_s + c_sd**2 + est.correction_.noise_var, rtol=1e-10)
+    assert np.mean(v_s) > 0
+
+
+def test_batched_replicates_match_one_by_one_fits(task, source):
+    # two replicates (different target subsets) in one vmapped NUTS job against separate fits:
+    # the posterior-mean predictions agree within Monte Carlo error. With 200 draws and
+    # posterior sds of the mean function ≲ 0.05 here, MC se ≲ 0.005; tolerance 0.02 (RMS).
+    data = [(task.X_target[:40], task.y_target[:40]), (task.X_target[20:], task.y_target[20:])]
+    opts = {"num_warmup": 200, "num_samples": 200}
+    for cls_name in ("bayes-last-layer", "pc-last-layer"):
+        batch = [make_method(cls_name, source, **opts, seed=s) for s in (0, 1)]
+        assert all(supports_batching(e) for e in batch)
+        fit_replicates(batch, data)
+        for est, (X, y), s in zip(batch, data, (0, 1), strict=True):
+            assert est.batched_
+            single = make_method(cls_name, source, **opts, seed=s).fit(X, y)
+            diff = est.predict(task.X_test) - single.predict(task.X_test)
+            assert np.sqrt(np.mean(diff**2)) < 0.02
+            assert est.idata_.posterior.sizes["draw"] == 200
+    assert not supports_batching(make_method("pc-scale", source))
+    assert isinstance(batch[0], pcbtl.PCTransferRegressor)
+    assert isinstance(make_method("bayes-last-layer", source), BayesianLastLayerRegressor)
+    assert jax.default_backend() in ("cpu", "gpu", "tpu")
