@@ -8,6 +8,7 @@ are public for users who build their own samplers.
 """
 
 from pcbtl import kl, models, priors
+from pcbtl.hurdle import HurdleRegressor
 from pcbtl.inference import Posterior, make_log_density, run_nuts, run_svi, to_inference_data
 from pcbtl.methods import make_method, methods
 from pcbtl.networks import SourceModel, train_source, transfer_parametrization
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BayesianNetworkRegressor",
+    "HurdleRegressor",
     "LastLayerPC",
     "PCTransferRegressor",
     "Posterior",

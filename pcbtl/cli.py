@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pcbtl.bandgap import add_bandgap_command
 from pcbtl.batch import add_batch_command
 from pcbtl.study import add_simulate_command
 
@@ -132,7 +133,7 @@ def _add_demo(sub) -> None:
 
 
 #: Sub-command registrars: each adds its parser to the ``subparsers`` object.
-COMMANDS: list[Callable] = [_add_demo, add_simulate_command, add_batch_command]
+COMMANDS: list[Callable] = [_add_demo, add_simulate_command, add_batch_command, add_bandgap_command]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

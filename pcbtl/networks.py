@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from pcbtl._validation import check_X, check_Xy
 

@@ -1,0 +1,406 @@
+r"""The band-gap application: DFT (Materials Project, PBE) gaps → experimental gaps.
+
+Workflow of :func:`run_bandgap` (``pcbtl bandgap``):
+
+1. load ``matbench_mp_gap`` (source, 106,113 PBE gaps) and ``matbench_expt_gap`` (target, 4,604
+   experimental gaps, Zhuo et al. 2018) with the loaders of :mod:`pcbtl.data`;
+2. featurize the formulas (:class:`pcbtl.features.CompositionFeaturizer`: element fractions
+   and Magpie-style statistics, Ward et al. 2016);
+3. train the source network on the PBE gaps and save it with its featurizer;
+4. fit each method on the experimental gaps with Matbench's protocol — ``KFold(n_splits=5,
+   shuffle=True, random_state=18012019)``, metrics on each held-out fold, mean over folds
+   (Dunn et al. 2020) — and report MAE, RMSE, 95% coverage, interval width and time, for all
+   materials and for metals (gap 0) and non-metals separately, beside the published Matbench
+   mean MAEs (:data:`PUBLISHED_MAE`).
+
+Metals are modelled, not clipped: the ``hurdle-*`` methods are :class:`pcbtl.HurdleRegressor`
+models — ``P(metal | x)`` from gradient-boosted trees on the features plus the source network's
+PBE-gap prediction, and a PC-prior transfer model for the gap of non-metals.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import KFold
+
+__all__ = [
+    "PUBLISHED_MAE",
+    "MATBENCH_SEED",
+    "BandGapConfig",
+    "bandgap_methods",
+    "load_bandgap_tables",
+    "run_bandgap",
+]
+
+#: Published mean MAE (eV) on matbench_expt_gap, Matbench v0.1 leaderboard (composition-only
+#: models; Dunn et al. 2020 and later submissions), as quoted in DESIGN.md §5.
+PUBLISHED_MAE: dict[str, float] = {
+    "Darwin": 0.287,
+    "CrabNet (Ax/SAASBO)": 0.331,
+    "MODNet": 0.333,
+    "automatminer": 0.416,
+    "RF on Magpie": 0.446,
+    "dummy": 1.144,
+}
+MATBENCH_SEED = 18012019
+
+DEFAULT_METHODS = (
+    "source-only",
+    "fine-tuning",
+    "bayes-last-layer",
+    "pc-last-layer",
+    "difference-rf",
+    "latent-rf",
+    "hurdle-pc-last-layer",
+    "hurdle-pc-scale",
+)
+
+
+@dataclass
+class BandGapConfig:
+    """Settings of the application run; :meth:`quick` gives the CI-sized version."""
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    folds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    source_hidden: tuple[int, ...] = (128, 64)
+    source_rows: int | None = None  # None: every MP row
+    target_rows: int | None = None  # None: every experimental row
+    num_warmup: int = 500
+    num_samples: int = 500
+    svi_steps: int = 4000
+    scale_layers: int = 2  # the scale prior acts on the last ``scale_layers`` layers
+    scale_inference: str = "nuts"
+    scale_draws: int = 300  # warmup and draws of the (costlier) scale-prior NUTS fits
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> BandGapConfig:
+        return cls(
+            methods=("source-only", "pc-last-layer", "hurdle-pc-last-layer"),
+            folds=(0,),
+            source_hidden=(64, 32),
+            source_rows=20000,
+            target_rows=1000,
+            num_warmup=150,
+            num_samples=150,
+            svi_steps=500,
+        )
+
+
+def load_bandgap_tables(data_dir: str | Path | None = None, cache_dir: str | Path | None = None):
+    """``(expt, mp)`` :class:`pcbtl.data.BandGapData` tables.
+
+    With ``data_dir``, files named ``matbench_expt_gap.{csv,json,json.gz}`` and
+    ``matbench_mp_gap.{…}`` are read from it; otherwise the official Matbench files are
+    downloaded into ``cache_dir`` (checksummed) on first use.
+    """
+    from pcbtl.data import load_matbench_expt_gap, load_matbench_mp_gap
+
+    def local(name: str) -> Path | None:
+        if data_dir is None:
+            return None
+        for ext in (".csv", ".json.gz", ".json"):
+            p = Path(data_dir) / f"{name}{ext}"
+            if p.is_file():
+                return p
+        raise FileNotFoundError(
+            f"no {name}.csv/.json.gz/.json in {data_dir}; pass another --data-dir or none to download"
+        )
+
+    expt = load_matbench_expt_gap(path=local("matbench_expt_gap"), cache_dir=cache_dir)
+    mp = load_matbench_mp_gap(path=local("matbench_mp_gap"), cache_dir=cache_dir)
+    return expt, mp
+
+
+def _metal_features(source) -> Callable[[np.ndarray], np.ndarray]:
+    def features(X: np.ndarray) -> np.ndarray:
+        return np.c_[X, source.predict(X)]
+
+    return features
+
+
+def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None) -> dict:
+    """Factories ``name -> () -> estimator`` for the methods of ``config`` on ``source``."""
+    from pcbtl.hurdle import HurdleRegressor
+    from pcbtl.methods import METHODS, make_method
+    from pcbtl.transfer import PCTransferRegressor
+
+    sampler = dict(num_warmup=config.num_warmup, num_samples=config.num_samples, seed=config.seed)
+    quiet = dict(progress_bar=False)
+
+    scale_opts = dict(
+        transfer_layers=config.scale_layers,
+        inference=config.scale_inference,
+        svi_steps=config.svi_steps,
+        num_warmup=min(config.num_warmup, config.scale_draws),
+        num_samples=min(config.num_samples, config.scale_draws),
+    )
+
+    def pc(prior: str) -> PCTransferRegressor:
+        if prior == "scale":
+            return PCTransferRegressor(source, prior=prior, seed=config.seed, **scale_opts, **quiet)
+        return PCTransferRegressor(source, prior=prior, **sampler, **quiet)
+
+    factories: dict[str, Callable[[], Any]] = {}
+    for name in config.methods:
+        if name == "hurdle-pc-last-layer":
+            factories[name] = lambda: HurdleRegressor(
+                pc("last_layer"), classifier_features=_metal_features(source)
+            )
+        elif name == "hurdle-pc-scale":
+            factories[name] = lambda: HurdleRegressor(
+                pc("scale"), classifier_features=_metal_features(source)
+            )
+        elif name in METHODS:
+            opts: dict[str, Any] = {}
+            if name not in ("source-only", "fine-tuning") and not name.endswith("-rf"):
+                opts.update(sampler)
+            if name.startswith("pc-") or name in ("target-only", "pretrained-gaussian"):
+                opts.update(quiet)
+            if METHODS[name].uses_source_data and source_X is not None:
+                opts.update(source_X=source_X, source_y=source_y)
+            if name == "pc-scale":
+                opts.update(scale_opts)
+            factories[name] = lambda name=name, opts=opts: make_method(name, source, **opts)
+        else:
+            raise ValueError(
+                f"methods: unknown method {name!r}; choose from "
+                f"{list(METHODS) + ['hurdle-pc-last-layer', 'hurdle-pc-scale']}"
+            )
+    return factories
+
+
+def _scores(y: np.ndarray, pred: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict:
+    inside = (y >= lo) & (y <= hi)
+    out: dict[str, float] = {}
+    for tag, mask in (("", np.ones_like(y, bool)), ("metal_", y == 0), ("nonmetal_", y > 0)):
+        if mask.any():
+            out[f"{tag}MAE"] = float(np.mean(np.abs(pred[mask] - y[mask])))
+            out[f"{tag}RMSE"] = float(np.sqrt(np.mean((pred[mask] - y[mask]) ** 2)))
+            out[f"{tag}coverage95"] = float(np.mean(inside[mask]))
+            out[f"{tag}width95"] = float(np.mean((hi - lo)[mask]))
+    return out
+
+
+def run_bandgap(
+    out: str | Path,
+    *,
+    config: BandGapConfig | None = None,
+    data_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[dict]:
+    """Run the application (see the module docstring); returns the per-fold result rows.
+
+    Writes into ``out``: ``source_model.npz`` (with its featurizer), ``results.csv`` (one row
+    per fold and method), ``summary.md`` (means over folds beside the published MAEs; date,
+    versions, machine), ``predictions.npz`` (out-of-fold predictions and intervals per
+    method), ``parity.png`` and ``calibration.png``. Each finished (fold, method) row is
+    appended to ``results.csv`` at once, so an interrupted run keeps what it finished.
+    """
+    import jax
+
+    from pcbtl.features import CompositionFeaturizer
+    from pcbtl.networks import train_source
+
+    config = config or BandGapConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.seed)
+    progress("loading Matbench band-gap tables")
+    expt, mp = load_bandgap_tables(data_dir, cache_dir)
+    featurizer = CompositionFeaturizer()
+    progress(f"featurizing {len(mp):,} MP and {len(expt):,} experimental formulas")
+    Xs, ys = featurizer.transform(mp.formulas), np.asarray(mp.y, np.float64)
+    Xt, yt = featurizer.transform(expt.formulas), np.asarray(expt.y, np.float64)
+    if config.source_rows is not None and config.source_rows < len(ys):
+        keep = rng.choice(len(ys), config.source_rows, replace=False)
+        Xs, ys = Xs[keep], ys[keep]
+    target_index = np.arange(len(yt))
+    if config.target_rows is not None and config.target_rows < len(yt):
+        target_index = np.sort(rng.choice(len(yt), config.target_rows, replace=False))
+    Xt, yt = Xt[target_index], yt[target_index]
+
+    progress(f"training the {config.source_hidden} source network on {len(ys):,} PBE gaps")
+    t0 = time.perf_counter()
+    source = train_source(
+        Xs,
+        ys,
+        hidden=config.source_hidden,
+        batch_size=256,
+        seed=config.seed,
+        featurizer=featurizer.to_dict(),
+        progress_bar=False,
+    )
+    source.save(out / "source_model.npz")
+    progress(
+        f"  validation RMSE {source.noise_sd:.3f} eV after {source.info['epochs_run']} epochs "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
+    factories = bandgap_methods(source, config, source_X=Xs[:5000], source_y=ys[:5000])
+    folds = list(KFold(n_splits=5, shuffle=True, random_state=MATBENCH_SEED).split(Xt))
+    rows: list[dict] = []
+    oof = {m: np.full((3, len(yt)), np.nan) for m in factories}
+    csv_path = out / "results.csv"
+    csv_path.unlink(missing_ok=True)
+    for k in config.folds:
+        tr, te = folds[k]
+        for name, factory in factories.items():
+            t0 = time.perf_counter()
+            try:
+                est = factory().fit(Xt[tr], yt[tr])
+                pred = np.asarray(est.predict(Xt[te]), np.float64)
+                lo, hi = (np.asarray(a, np.float64) for a in est.predict_interval(Xt[te]))
+                if not name.startswith("hurdle"):
+                    # gaps are non-negative: clip the point prediction and interval (the
+                    # hurdle methods model the zeros instead)
+                    pred, lo, hi = (np.clip(a, 0.0, None) for a in (pred, lo, hi))
+                row = {"fold": k, "method": name, "seconds": time.perf_counter() - t0}
+                row.update(_scores(yt[te], pred, lo, hi))
+                oof[name][:, te] = np.vstack([pred, lo, hi])
+                row["error"] = ""
+            except Exception as exc:  # noqa: BLE001 - a failed method is recorded, the run goes on
+                row = {"fold": k, "method": name, "seconds": time.perf_counter() - t0}
+                row["error"] = f"{type(exc).__name__}: {exc}"
+            rows.append(row)
+            _append_csv(csv_path, row)
+            progress(
+                f"fold {k} {name:<22} "
+                + (
+                    f"MAE {row['MAE']:.3f}  cover95 {row['coverage95']:.3f}  "
+                    f"({row['seconds']:.0f} s)"
+                    if not row["error"]
+                    else f"FAILED: {row['error']}"
+                )
+            )
+    np.savez(out / "predictions.npz", y=yt, index=target_index, **{m: v for m, v in oof.items()})
+    summary = _summary(rows, config, source, len(ys), len(yt), jax.__version__)
+    (out / "summary.md").write_text(summary)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
+    _plots(out, yt, oof)
+    progress(summary)
+    return rows
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    rows = []
+    if path.exists():
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(path)
+
+
+def _summary(rows, config, source, n_source, n_target, jax_version) -> str:
+    import numpyro
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cols = ("MAE", "RMSE", "coverage95", "width95", "metal_MAE", "nonmetal_MAE", "seconds")
+    lines = [
+        f"Band gaps, DFT (MP PBE, {n_source:,} rows) → experiment ({n_target:,} rows); "
+        f"KFold(5, shuffle=True, random_state={MATBENCH_SEED}), folds {list(config.folds)}; "
+        f"mean over folds.",
+        f"{date.today().isoformat()}; pcbtl source {config.source_hidden} (validation RMSE "
+        f"{source.noise_sd:.3f} eV); jax {jax_version}, numpyro {numpyro.__version__}; "
+        f"{platform.machine()} CPU, Python {platform.python_version()}.",
+        "",
+        "| method | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for m in methods:
+        ok = [r for r in rows if r["method"] == m and not r["error"]]
+        if not ok:
+            lines.append(f"| {m} | failed: {rows[[r['method'] for r in rows].index(m)]['error']} |")
+            continue
+        vals = []
+        for c in cols:
+            v = [r[c] for r in ok if c in r]
+            vals.append(f"{np.mean(v):.3f}" if c != "seconds" else f"{np.mean(v):.0f}")
+        lines.append(f"| {m} | " + " | ".join(vals) + " |")
+    lines += ["", "Published Matbench v0.1 mean MAE (eV) on matbench_expt_gap:", ""]
+    lines += [f"- {k}: {v:.3f}" for k, v in PUBLISHED_MAE.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, y: np.ndarray, oof: dict[str, np.ndarray]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pcbtl.plots import parity_plot
+
+    done = {m: v for m, v in oof.items() if np.isfinite(v[0]).any()}
+    if not done:
+        return
+    fig, axes = plt.subplots(1, len(done), figsize=(4.2 * len(done), 4.2), squeeze=False)
+    for ax, (m, (pred, lo, hi)) in zip(axes[0], done.items(), strict=True):
+        ok = np.isfinite(pred)
+        parity_plot(y[ok], pred[ok], lo[ok], hi[ok], title=m, ax=ax)
+        ax.set_xlabel("experimental gap (eV)")
+        ax.set_ylabel("predicted gap (eV)")
+    fig.tight_layout()
+    fig.savefig(out / "parity.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    names, cover_all, cover_nm = [], [], []
+    for m, (pred, lo, hi) in done.items():
+        ok = np.isfinite(pred)
+        inside = (y[ok] >= lo[ok]) & (y[ok] <= hi[ok])
+        names.append(m)
+        cover_all.append(inside.mean())
+        cover_nm.append(inside[y[ok] > 0].mean())
+    idx = np.arange(len(names))
+    ax.bar(idx - 0.2, cover_all, 0.4, label="all")
+    ax.bar(idx + 0.2, cover_nm, 0.4, label="non-metals")
+    ax.axhline(0.95, color="k", ls="--", lw=0.8)
+    ax.set_xticks(idx, names, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("95% interval coverage")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "calibration.png", dpi=100)
+    plt.close(fig)
+
+
+def add_bandgap_command(sub) -> None:
+    """Register ``pcbtl bandgap [--quick] [--data-dir DIR] --out DIR``."""
+
+    def run(args) -> int:
+        config = BandGapConfig.quick() if args.quick else BandGapConfig()
+        if args.methods:
+            config.methods = tuple(args.methods.split(","))
+        if args.folds:
+            config.folds = tuple(int(f) for f in args.folds.split(","))
+        run_bandgap(args.out, config=config, data_dir=args.data_dir, cache_dir=args.cache_dir)
+        return 0
+
+    p = sub.add_parser("bandgap", help="DFT → experimental band-gap transfer (Matbench protocol)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help="small CI-sized run (one fold)")
+    p.add_argument(
+        "--data-dir", default=None, help="folder with the Matbench files (else download)"
+    )
+    p.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/pcbtl)")
+    p.add_argument("--methods", default=None, help="comma-separated method names")
+    p.add_argument("--folds", default=None, help="comma-separated fold numbers 0-4")
+    p.set_defaults(func=run)

@@ -1,0 +1,60 @@
+"""The band-gap application on the shared Matbench copies, in a tiny configuration."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pcbtl.bandgap import PUBLISHED_MAE, BandGapConfig, bandgap_methods, run_bandgap
+
+SHARED = Path(
+    os.environ.get("PCBTL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
+BANDGAP = SHARED / "bandgap"
+needs_data = pytest.mark.skipif(
+    not (BANDGAP / "matbench_expt_gap.csv").is_file(),
+    reason=f"shared band-gap data not found at {BANDGAP} (set PCBTL_SHARED_DATA)",
+)
+
+
+@needs_data
+def test_bandgap_run_writes_every_output(tmp_path):
+    config = BandGapConfig(
+        methods=("source-only", "pc-last-layer", "hurdle-pc-last-layer"),
+        folds=(0,),
+        source_hidden=(16,),
+        source_rows=3000,
+        target_rows=400,
+        num_warmup=100,
+        num_samples=100,
+    )
+    rows = run_bandgap(tmp_path, config=config, data_dir=BANDGAP, progress=lambda _: None)
+    assert [r["method"] for r in rows] == list(config.methods)
+    assert all(r["error"] == "" for r in rows)
+    with open(tmp_path / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == 3
+    for col in ("MAE", "coverage95", "width95", "metal_MAE", "nonmetal_MAE", "seconds"):
+        assert all(np.isfinite(float(r[col])) for r in table), col
+    by = {r["method"]: r for r in rows}
+    # the hurdle model puts point mass at 0: metals get (near-)zero predictions
+    assert by["hurdle-pc-last-layer"]["metal_MAE"] < by["source-only"]["metal_MAE"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "hurdle-pc-last-layer" in summary and f"{PUBLISHED_MAE['MODNet']:.3f}" in summary
+    for name in ("parity.png", "calibration.png", "source_model.npz", "predictions.npz"):
+        assert (tmp_path / name).stat().st_size > 0
+    from pcbtl import SourceModel
+    from pcbtl.features import CompositionFeaturizer
+
+    source = SourceModel.load(tmp_path / "source_model.npz")
+    featurizer = CompositionFeaturizer.from_dict(source.info["featurizer"])
+    assert source.predict(featurizer.transform(["GaAs", "Ag0.5Ge1Pb1.75S4"])).shape == (2,)
+
+
+def test_unknown_method_is_rejected(source):
+    with pytest.raises(ValueError, match="unknown method 'magic'"):
+        bandgap_methods(source, BandGapConfig(methods=("magic",)))
