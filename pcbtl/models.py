@@ -100,6 +100,18 @@ def _sigma(sigma_scale):
     return numpyro.sample("sigma", dist.HalfNormal(sigma_scale))
 
 
+def _rate(rate, rate_log_sd):
+    r"""Fixed ``λ``, or the hyperprior ``U = U₀ e^{s z}``, ``z ~ N(0, 1)`` (``s = rate_log_sd``).
+
+    Since ``λ = −log(α)/U``, this is ``λ = λ₀ e^{−s z}``: a log-normal hyperprior on the PC
+    rate, centred at the rate implied by the user's ``(U, α)``. Sites ``U_z`` and ``rate``.
+    """
+    if rate_log_sd is None:
+        return rate
+    z = numpyro.sample("U_z", dist.Normal(0.0, 1.0))
+    return numpyro.deterministic("rate", rate * jnp.exp(-rate_log_sd * z))
+
+
 def last_layer_pc_model(
     beta_source: jax.Array,
     chol_G: jax.Array,
@@ -108,6 +120,7 @@ def last_layer_pc_model(
     stats: LastLayerStats | None = None,
     *,
     centred: bool = False,
+    rate_log_sd: float | None = None,
 ) -> None:
     r"""Last-layer PC transfer model (DESIGN.md §2 (a)).
 
@@ -119,16 +132,23 @@ def last_layer_pc_model(
     with ``LLᵀ = G = Φ̃ᵀΦ̃/m`` over reference features. Likelihood
     ``y ~ N(Φβ, σ² I)`` through :func:`gaussian_loglik_suffstats`, with ``stats`` measured from
     ``β₀ = β_S`` (``last_layer_sufficient_stats(Φ, y, beta_source)``; ``stats=None``: prior only).
+    With ``rate_log_sd`` the rate gets the log-normal hyperprior of :func:`_rate` and ``d`` is
+    sampled non-centred as ``d = e/λ``, ``e ~ Exp(1)`` (site ``distance_std``).
     Sites: ``sigma``, ``distance``, ``z`` (non-centred) and ``beta``.
     """
     sigma = _sigma(sigma_scale)
+    rate = _rate(rate, rate_log_sd)
     p = beta_source.shape[-1]
     if centred:
         prior = LastLayerPC(beta_source, chol_G, sigma, rate)
         beta = numpyro.sample("beta", prior)
         numpyro.deterministic("distance", prior.distance(beta))
     else:
-        d = numpyro.sample("distance", dist.Exponential(rate))
+        if rate_log_sd is None:
+            d = numpyro.sample("distance", dist.Exponential(rate))
+        else:
+            e = numpyro.sample("distance_std", dist.Exponential(1.0))
+            d = numpyro.deterministic("distance", e / rate)
         z = numpyro.sample("z", dist.Normal(jnp.zeros(p), 1.0).to_event(1))
         delta = last_layer_pc_offset(d, z, chol_G, sigma)
         beta = numpyro.deterministic("beta", beta_source + delta)
@@ -147,6 +167,7 @@ def scale_pc_model(
     sigma_scale: float,
     X: jax.Array | None = None,
     y: jax.Array | None = None,
+    rate_log_sd: float | None = None,
 ) -> None:
     r"""Scale PC transfer model over a chosen transfer set (DESIGN.md §2 (b)).
 
@@ -155,9 +176,11 @@ def scale_pc_model(
 
     ``predict_fn(θ, X)`` evaluates the network with the flat transfer vector ``θ`` (see
     :func:`pcbtl.networks.transfer_parametrization`); ``curve`` is the precomputed Monte Carlo
-    ``r(τ)`` (:func:`pcbtl.kl.distance_curve`). Sites: ``sigma``, ``tau``, ``eps``, ``distance``.
+    ``r(τ)`` (:func:`pcbtl.kl.distance_curve`); ``rate_log_sd`` as in :func:`last_layer_pc_model`.
+    Sites: ``sigma``, ``tau``, ``eps``, ``distance``.
     """
     sigma = _sigma(sigma_scale)
+    rate = _rate(rate, rate_log_sd)
     tau = numpyro.sample("tau", ScalePC(curve, sigma, rate))
     eps = numpyro.sample("eps", dist.Normal(jnp.zeros_like(theta_source), 1.0).to_event(1))
     numpyro.deterministic("distance", distance_curve_value(curve, tau) / sigma)

@@ -182,6 +182,11 @@ class PCTransferRegressor(PosteriorRegressor):
         ``"last_layer"``.
     U, alpha:
         The PC statement ``P(d > U) = alpha`` (defaults 1 and 0.05).
+    U_log_sd:
+        ``None`` (default): ``U`` is fixed. A number ``s``: the data-driven alternative, a
+        hyperprior ``U ~ LogNormal(log U, s²)`` (equivalently a log-normal prior on the rate
+        ``λ``), useful when the source may sit several noise sds from the target (e.g. DFT vs
+        experimental band gaps); marginally ``d`` then has a heavier-than-exponential tail.
     reference_X:
         Inputs ``x̃ ~ Q`` on which source and target are compared. ``None``: the target inputs
         plus the source inputs kept in ``source.reference_X``.
@@ -206,6 +211,7 @@ class PCTransferRegressor(PosteriorRegressor):
         transfer_layers: Any = None,
         U: float = 1.0,
         alpha: float = 0.05,
+        U_log_sd: float | None = None,
         reference_X: Any = None,
         inference: str = "nuts",
         num_warmup: int = 500,
@@ -228,6 +234,7 @@ class PCTransferRegressor(PosteriorRegressor):
         self.transfer_layers = transfer_layers
         self.U = U
         self.alpha = alpha
+        self.U_log_sd = U_log_sd
         self.reference_X = reference_X
         self.inference = inference
         self.num_warmup = num_warmup
@@ -263,6 +270,8 @@ class PCTransferRegressor(PosteriorRegressor):
             resolve_transfer_layers(self.source, self._layers_arg())
         if self.sigma_scale is not None:
             check_positive(self.sigma_scale, "sigma_scale")
+        if self.U_log_sd is not None:
+            check_positive(self.U_log_sd, "U_log_sd")
         if self.scale not in ("fan_in", "unit"):
             raise ValueError(f"scale must be 'fan_in' or 'unit', got {self.scale!r}")
 
@@ -302,10 +311,11 @@ class PCTransferRegressor(PosteriorRegressor):
                 Xref_c = Xref[rng.choice(Xref.shape[0], self.max_reference, replace=False)]
             else:
                 Xref_c = Xref
+            low_rate = rate if self.U_log_sd is None else rate * math.exp(-2 * self.U_log_sd)
             curve = _fit_distance_curve(
                 tp,
                 jnp.asarray(Xref_c),
-                rate,
+                low_rate,
                 setup["sigma_scale"],
                 self.n_tau,
                 self.n_eps,
@@ -315,7 +325,11 @@ class PCTransferRegressor(PosteriorRegressor):
         return setup
 
     def _model_kwargs(self, setup: dict[str, Any], X=None, y=None) -> dict[str, Any]:
-        common = {"rate": setup["rate"], "sigma_scale": setup["sigma_scale"]}
+        common = {
+            "rate": setup["rate"],
+            "sigma_scale": setup["sigma_scale"],
+            "rate_log_sd": None if self.U_log_sd is None else float(self.U_log_sd),
+        }
         if self.prior == "last_layer":
             stats = None
             if X is not None:
@@ -431,16 +445,19 @@ class PCTransferRegressor(PosteriorRegressor):
             raise ValueError(f"n must be a positive integer, got {n}")
         self._check_params()
         setup = self._state if hasattr(self, "posterior_") else self._setup(None)
-        k_sigma, k_theta = jax.random.split(jax.random.PRNGKey(seed))
+        k_sigma, k_theta, k_rate = jax.random.split(jax.random.PRNGKey(seed), 3)
         sigma = setup["sigma_scale"] * jnp.abs(jax.random.normal(k_sigma, (int(n),)))
+        rate = setup["rate"]
+        if self.U_log_sd is not None:
+            rate = rate * jnp.exp(-self.U_log_sd * jax.random.normal(k_rate, (int(n),)))
         if self.prior == "last_layer":
-            prior = LastLayerPC(setup["beta_source"], setup["chol_G"], sigma, setup["rate"])
+            prior = LastLayerPC(setup["beta_source"], setup["chol_G"], sigma, rate)
             beta = np.asarray(prior.sample(k_theta), np.float64)
             Phi_ref = setup["Phi_ref"]
             delta = beta - np.asarray(setup["beta_source"], np.float64)
             sq = np.mean((Phi_ref @ delta.T) ** 2, axis=0) + setup["ridge"] * np.sum(delta**2, 1)
             return np.sqrt(sq) / np.asarray(sigma, np.float64)
-        prior = ScalePC(setup["curve"], sigma, setup["rate"])
+        prior = ScalePC(setup["curve"], sigma, rate)
         tau = prior.sample(k_theta)
         return np.asarray(distance_curve_value(setup["curve"], tau) / sigma)
 

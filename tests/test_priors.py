@@ -210,3 +210,30 @@ def test_non_monotone_curve_warns_and_is_repaired():
     assert np.all(np.diff(np.asarray(curve.r)) > 0)
     with pytest.raises(ValueError, match="tau grid"):
         check_distance_curve(np.array([0.1, 1.0]), np.array([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("prior", ["last_layer", "scale"])
+def test_hyperprior_on_U_gives_the_lognormal_mixture_of_exponentials(source, prior):
+    # U ~ LogNormal(log U0, s²)  ⇒  λ = λ0 e^{-s z}, and P(d ≤ x) = E_z[1 − exp(−λ0 e^{−s z} x)]
+    s, lam0 = 0.7, pc_rate(1.0, 0.05)
+    model = pcbtl.PCTransferRegressor(source, prior=prior, U_log_sd=s, n_eps=8)
+    d = model.prior_distance_samples(3000, seed=5)
+    z, w = np.polynomial.hermite_e.hermegauss(60)
+    w = w / w.sum()
+
+    def cdf(x):
+        x = np.atleast_1d(x)[:, None]
+        return np.sum(w * (1 - np.exp(-lam0 * np.exp(-s * z) * x)), axis=1)
+
+    assert stats.kstest(d, cdf).pvalue > KS_LEVEL
+    # ...and not the fixed-U exponential (the hyperprior changes the tail)
+    assert stats.kstest(d, "expon", args=(0, 1 / lam0)).pvalue < KS_LEVEL
+
+
+def test_nuts_with_the_U_hyperprior_keeps_rate_times_distance_exponential(source):
+    reg = pcbtl.PCTransferRegressor(source, prior="last_layer", U_log_sd=0.7)
+    kwargs = reg._model_kwargs(reg._setup(None))
+    draws = _nuts_prior(pcbtl.models.last_layer_pc_model, num_samples=2000, thin=2, **kwargs)
+    assert stats.kstest(draws["distance"] * draws["rate"], "expon").pvalue > KS_LEVEL
+    with pytest.raises(ValueError, match="U_log_sd"):
+        pcbtl.PCTransferRegressor(source, U_log_sd=-1.0)
