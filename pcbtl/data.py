@@ -142,7 +142,9 @@ class BandGapData:
     Attributes
     ----------
     formulas
-        One formula per material (reduced formula for structure-keyed data).
+        One formula per material: the reduced formula for structure-keyed JSON data, the
+        formula as written for CSV input (e.g. ``Fe4O6``; features use element fractions, so
+        they do not depend on the reduction).
     y
         Band gaps in eV, float array of shape ``(n,)``.
     atoms
@@ -457,7 +459,7 @@ def load_matbench_mp_gap(
 
     Same parameters as :func:`load_matbench_expt_gap` (default hash ``58b65746...`` from
     Matbench's dataset metadata). The official file is keyed by pymatgen structures; each
-    becomes its reduced formula (via :mod:`ase.formula`), and with
+    becomes its reduced formula (via :mod:`ase.formula`; a formula CSV is read as written), and with
     ``with_structures=True`` also an :class:`ase.Atoms` in ``BandGapData.atoms`` (only
     possible from the JSON file, not from a formula CSV). Several polymorphs can share a
     formula. Materials Project data are licensed CC BY 4.0 (Jain et al. 2013).
