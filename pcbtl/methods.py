@@ -1007,7 +1007,10 @@ def run_nuts_batched(
     ``numpyro.infer.hmc.hmc`` kernel; windowed adaptation as in ``MCMC``), so each is exactly
     the single-replicate sampler — only batched. Under ``vmap`` every NUTS tree runs until the
     deepest tree of the batch finishes (masked), so the batch costs the longest replicate per
-    step; one chain per replicate. Returns one :class:`pcbtl.inference.Posterior` per replicate.
+    step; one chain per replicate. With several local devices (GPUs, or CPU host devices) and
+    ``R`` a multiple of their number, the replicate axis is sharded over them (``NamedSharding``)
+    and the one jitted job runs on all devices at once. Returns one
+    :class:`pcbtl.inference.Posterior` per replicate.
     """
     from numpyro.infer.hmc import hmc
     from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
@@ -1063,6 +1066,14 @@ def run_nuts_batched(
         draws = jax.vmap(lambda z: constrain_fn(model, (), kw, z, return_deterministic=True))(zs)
         return draws, stats
 
+    n_dev = jax.local_device_count()
+    if n_dev > 1 and R % n_dev == 0:
+        # one slice of the replicate axis per local device; jit partitions the vmapped job
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        sharding = NamedSharding(Mesh(np.array(jax.local_devices()), ("r",)), P("r"))
+        keys, z0, data = jax.device_put((keys, z0, data), sharding)
     draws, stats = jax.jit(jax.vmap(one))(keys, z0, data)
     out = []
     for r in range(R):
