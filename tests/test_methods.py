@@ -222,6 +222,7 @@ def _sharding_case():
     return kws
 
 
+@pytest.mark.slow  # a subprocess with 2 forced host devices plus a second run: ~1 min
 def test_batched_replicates_are_sharded_over_several_devices():
     import json
     import subprocess
