@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import csv
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import SHARED_DATA
 
 from pcbtl.bandgap import PUBLISHED_MAE, BandGapConfig, bandgap_methods, run_bandgap
 
-SHARED = Path(
-    os.environ.get("PCBTL_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
-BANDGAP = SHARED / "bandgap"
+BANDGAP = SHARED_DATA / "bandgap"
 needs_data = pytest.mark.skipif(
     not (BANDGAP / "matbench_expt_gap.csv").is_file(),
     reason=f"shared band-gap data not found at {BANDGAP} (set PCBTL_SHARED_DATA)",

@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import json
 import math
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk
+from shared_data import SHARED_DATA
 
 from pcbtl import data as pdata
 from pcbtl.data import (
@@ -31,15 +31,7 @@ from pcbtl.data import (
     to_ase_db,
 )
 
-
-def _shared_data_dir() -> Path:
-    env = os.environ.get("PCBTL_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-SHARED = _shared_data_dir()
+SHARED = SHARED_DATA
 EXPT_CSV = SHARED / "bandgap" / "matbench_expt_gap.csv"
 # from /work/shared/data/README.md (the shared CSV copy, not the official JSON)
 EXPT_CSV_SHA256 = "3de82c37f1db3ab9bbd92366c96633f131913ded5db0969eb36216bdd11cef2f"

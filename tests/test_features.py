@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from ase import Atoms
 from ase.build import bulk
 from ase.data import atomic_masses, atomic_numbers, covalent_radii
 from ase.io import read, write
+from shared_data import SHARED_DATA
 
 from pcbtl.features import (
     ELEMENTS,
@@ -28,15 +28,7 @@ from pcbtl.features import (
     parse_formula,
 )
 
-
-def _shared_data_dir() -> Path:
-    env = os.environ.get("PCBTL_SHARED_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-SHARED = _shared_data_dir()
+SHARED = SHARED_DATA
 EXPT_CSV = SHARED / "bandgap" / "matbench_expt_gap.csv"
 MP_CSV = SHARED / "bandgap" / "matbench_mp_gap.csv"
 
