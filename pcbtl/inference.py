@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"\sArviZ is undergoing", category=FutureWarning)
     import arviz as az
 
-__all__ = ["Posterior", "run_nuts", "run_svi", "make_log_density", "to_inference_data"]
+__all__ = ["BatchPlan", "Posterior", "run_nuts", "run_svi", "make_log_density", "to_inference_data"]
 
 CHAIN_METHODS = ("sequential", "vectorized", "parallel")
 
@@ -55,6 +55,27 @@ class Posterior:
     def num_divergences(self) -> int:
         d = self.sample_stats.get("diverging")
         return int(np.sum(d)) if d is not None else 0
+
+
+class BatchPlan(NamedTuple):
+    """One estimator's fit, split so that many can be sampled as one batched NUTS job.
+
+    ``model(**kwargs)`` is the NumPyro model with its data (arrays and pytrees of arrays only,
+    so that replicates can be stacked); ``complete(posterior, seconds=s)`` checks the draws and
+    stores the fit on the estimator; the sampler settings are those of the estimator's own
+    ``fit``. ``setup_seconds`` is the time spent preparing (added to each fit's time).
+    """
+
+    model: Callable[..., None]
+    kwargs: dict[str, Any]
+    complete: Callable[[Posterior, float], Any]
+    num_warmup: int
+    num_samples: int
+    seed: int
+    target_accept_prob: float
+    max_tree_depth: int
+    init_strategy: Callable
+    setup_seconds: float = 0.0
 
 
 def run_nuts(

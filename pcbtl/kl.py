@@ -14,7 +14,7 @@ error so callers can judge precision. All functions are pure and jittable.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,7 +151,16 @@ def distance_curve(
     one jitted call. Returns ``(r, se_r2)``: the curve and the standard error of ``r²`` over ``ε``.
     """
     eps = jax.random.normal(key, (n_eps, theta_source.shape[0]), dtype=theta_source.dtype)
-    return _distance_curve_jit(predict_fn, theta_source, scales, X_ref, tau_grid, eps, batch_size)
+    # a pytree network (pcbtl.networks.NetworkFn) is an argument: one compile per architecture;
+    # any other callable is static: one compile per function object
+    jitted = _distance_curve_jit_pytree if _is_pytree_fn(predict_fn) else _distance_curve_jit
+    return jitted(predict_fn, theta_source, scales, X_ref, tau_grid, eps, batch_size)
+
+
+def _is_pytree_fn(fn: Any) -> bool:
+    from pcbtl.networks import NetworkFn
+
+    return isinstance(fn, NetworkFn)
 
 
 def _distance_curve_impl(predict_fn, theta_source, scales, X_ref, tau_grid, eps, batch_size):
@@ -168,3 +177,4 @@ def _distance_curve_impl(predict_fn, theta_source, scales, X_ref, tau_grid, eps,
 
 
 _distance_curve_jit = jax.jit(_distance_curve_impl, static_argnums=(0, 6))
+_distance_curve_jit_pytree = jax.jit(_distance_curve_impl, static_argnums=(6,))

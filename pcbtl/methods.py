@@ -39,6 +39,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from typing import Any
 
 import jax
@@ -51,7 +52,7 @@ from numpyro.infer import init_to_median, init_to_sample
 from scipy.stats import norm
 
 from pcbtl._validation import check_positive, check_probability, check_X, check_Xy, check_y
-from pcbtl.inference import Posterior, run_nuts
+from pcbtl.inference import BatchPlan, Posterior, run_nuts
 from pcbtl.models import gaussian_loglik_suffstats, last_layer_sufficient_stats
 from pcbtl.networks import MLP, SourceModel, transfer_parametrization
 from pcbtl.transfer import (
@@ -458,6 +459,25 @@ class BayesianLastLayerRegressor(PosteriorRegressor):
         )
         return self._complete(posterior, X, y, time.perf_counter() - t0)
 
+    def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
+        t0 = time.perf_counter()
+        X, y, kwargs = self._prepare(X, y)
+        return BatchPlan(
+            model=bayes_last_layer_model,
+            kwargs=kwargs,
+            complete=partial(self._complete, X=X, y=y),
+            num_warmup=self.num_warmup,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            target_accept_prob=0.8,
+            max_tree_depth=10,
+            init_strategy=init_to_median(num_samples=15),
+            setup_seconds=time.perf_counter() - t0,
+        )
+
+    def _batchable(self) -> bool:
+        return self.num_chains == 1
+
     def _complete(self, posterior: Posterior, X, y, seconds: float):
         if not np.all(np.isfinite(posterior.samples["sigma"])):
             raise FloatingPointError("non-finite posterior draws of sigma; fit failed")
@@ -571,7 +591,8 @@ class MultiTaskRegressor(PosteriorRegressor):
         if not hasattr(self, "n_features_in_"):
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
 
-    def fit(self, X: Any, y: Any) -> MultiTaskRegressor:
+    def _stack(self, X: Any, y: Any):
+        """Checked data stacked as rows ``[x, t]`` (see :func:`_stack_tasks`)."""
         src = _check_source(self.source)
         _check_base(self.base)
         check_positive(self.prior_scale, "prior_scale")
@@ -603,6 +624,10 @@ class MultiTaskRegressor(PosteriorRegressor):
         Xa, ya, task = _stack_tasks(X, Y, Xs, ys)
         self.n_source_rows_ = int((task == 0).sum())
         self.n_target_rows_ = int((task == 1).sum())
+        return X, Xa, ya, task, t0
+
+    def fit(self, X: Any, y: Any) -> MultiTaskRegressor:
+        X, Xa, ya, task, t0 = self._stack(X, y)
         if self.base == "rf":
             self.forest_ = _fit_forest(
                 Xa,
@@ -613,35 +638,66 @@ class MultiTaskRegressor(PosteriorRegressor):
                 noise_rows=task == 1,
             )
         else:
-            net = _fresh_network(Xa, ya, self.hidden, self.activation, self.seed)
-            tp = transfer_parametrization(net, "all", scale="fan_in")
-            kwargs = dict(
-                predict_fn=tp.predict_fn,
-                loc=jnp.zeros_like(tp.theta_source),
-                prior_scale=self.prior_scale * tp.scales,
-                sigma_scale=float(net.y_scale),
-                X=jnp.asarray(Xa, jnp.float32),
-                y=jnp.asarray(ya, jnp.float32),
-                task=jnp.asarray(task, jnp.float32),
-            )
+            plan = self._bnn_plan(Xa, ya, task, t0)
             posterior = run_nuts(
-                multitask_bnn_model,
-                kwargs,
+                plan.model,
+                plan.kwargs,
                 num_warmup=self.num_warmup,
                 num_samples=self.num_samples,
                 seed=self.seed,
                 max_tree_depth=self.max_tree_depth,
-                init_strategy=init_to_sample(),
+                init_strategy=plan.init_strategy,
                 progress_bar=self.progress_bar,
             )
-            self._state = tp
-            tgt = task == 1
-            self.idata_ = self._finish(posterior, Xa[tgt][:, :-1], ya[tgt], tp)
-            self.posterior_ = posterior
-            self.num_divergences_ = posterior.num_divergences
+            return plan.complete(posterior, seconds=time.perf_counter() - t0)
         self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - t0
         return self
+
+    def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
+        _, Xa, ya, task, t0 = self._stack(X, y)
+        return self._bnn_plan(Xa, ya, task, t0)
+
+    def _batchable(self) -> bool:
+        return self.base == "bnn"
+
+    def _bnn_plan(self, Xa, ya, task, t0: float) -> BatchPlan:
+        net = _fresh_network(Xa, ya, self.hidden, self.activation, self.seed)
+        tp = transfer_parametrization(net, "all", scale="fan_in")
+        kwargs = dict(
+            predict_fn=tp.predict_fn,
+            loc=jnp.zeros_like(tp.theta_source),
+            prior_scale=self.prior_scale * tp.scales,
+            sigma_scale=float(net.y_scale),
+            X=jnp.asarray(Xa, jnp.float32),
+            y=jnp.asarray(ya, jnp.float32),
+            task=jnp.asarray(task, jnp.float32),
+        )
+
+        def complete(posterior: Posterior, seconds: float) -> MultiTaskRegressor:
+            if not np.all(np.isfinite(posterior.samples["sigma"])):
+                raise FloatingPointError("non-finite posterior draws of sigma; fit failed")
+            tgt = task == 1
+            self.idata_ = self._finish(posterior, Xa[tgt][:, :-1], ya[tgt], tp)
+            self._state = tp
+            self.posterior_ = posterior
+            self.num_divergences_ = posterior.num_divergences
+            self.n_features_in_ = Xa.shape[1] - 1
+            self.fit_seconds_ = seconds
+            return self
+
+        return BatchPlan(
+            model=multitask_bnn_model,
+            kwargs=kwargs,
+            complete=complete,
+            num_warmup=self.num_warmup,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            target_accept_prob=0.8,
+            max_tree_depth=self.max_tree_depth,
+            init_strategy=init_to_sample(),
+            setup_seconds=time.perf_counter() - t0,
+        )
 
     def _posterior_means_from(self, posterior, X, tp):
         Xa = np.concatenate([X, np.ones((X.shape[0], 1))], axis=1)
@@ -768,16 +824,49 @@ class _TwoStage(GaussianPredictive):
         )
         return X, y, sp
 
-    def _learner(self, X, y):
-        """Fit the base learner on ``(X, y)``: a forest or a target-only Bayesian network."""
+    def fit(self, X: Any, y: Any):
+        """Fit the source predictor's view of ``(X, y)``, then the base learner on it."""
+        t0 = time.perf_counter()
+        X, y, sp = self._start(X, y)
+        g, _ = sp(X)
+        Xl, yl = self._learner_data(X, y, g)
         if self.base == "rf":
-            return _fit_forest(
-                X,
-                y,
+            learner = _fit_forest(
+                Xl,
+                yl,
                 n_estimators=self.n_estimators,
                 min_samples_leaf=self.min_samples_leaf,
                 seed=self.seed,
             )
+        else:
+            learner = self._bnn_learner().fit(Xl, yl)
+        return self._complete_fit(learner, X, y, g, sp, time.perf_counter() - t0)
+
+    def _complete_fit(self, learner, X, y, g, sp, seconds: float):
+        self._store(learner, X, y, g, sp)
+        self._source_pred = sp
+        self.n_features_in_ = X.shape[1]
+        self.fit_seconds_ = seconds
+        return self
+
+    def _batchable(self) -> bool:
+        return self.base == "bnn"
+
+    def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
+        """The base network's plan; completing it also completes this estimator."""
+        t0 = time.perf_counter()
+        X, y, sp = self._start(X, y)
+        g, _ = sp(X)
+        learner = self._bnn_learner()
+        plan = learner._batch_plan(*self._learner_data(X, y, g))
+
+        def complete(posterior: Posterior, seconds: float):
+            plan.complete(posterior, seconds=seconds)
+            return self._complete_fit(learner, X, y, g, sp, seconds)
+
+        return plan._replace(complete=complete, setup_seconds=time.perf_counter() - t0)
+
+    def _bnn_learner(self) -> BayesianNetworkRegressor:
         return BayesianNetworkRegressor(
             hidden=tuple(self.hidden),
             activation=self.activation,
@@ -787,7 +876,7 @@ class _TwoStage(GaussianPredictive):
             max_tree_depth=self.max_tree_depth,
             seed=self.seed,
             progress_bar=self.progress_bar,
-        ).fit(X, y)
+        )
 
     @staticmethod
     def _learner_moments(learner, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -820,16 +909,12 @@ class DifferenceRegressor(_TwoStage):
     Fitted: ``correction_`` (the base learner), ``residuals_``.
     """
 
-    def fit(self, X: Any, y: Any) -> DifferenceRegressor:
-        t0 = time.perf_counter()
-        X, y, sp = self._start(X, y)
-        g, _ = sp(X)
+    def _learner_data(self, X, y, g):
+        return X, y - g
+
+    def _store(self, learner, X, y, g, sp) -> None:
         self.residuals_ = y - g
-        self.correction_ = self._learner(X, self.residuals_)
-        self._source_pred = sp
-        self.n_features_in_ = X.shape[1]
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
+        self.correction_ = learner
 
     def correction(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         """Mean and epistemic sd of the learned correction ``c(x)``."""
@@ -859,15 +944,11 @@ class LatentVariableRegressor(_TwoStage):
     predictive at ``z = g_S(x)``.
     """
 
-    def fit(self, X: Any, y: Any) -> LatentVariableRegressor:
-        t0 = time.perf_counter()
-        X, y, sp = self._start(X, y)
-        g, _ = sp(X)
-        self.target_model_ = self._learner(np.concatenate([X, g[:, None]], axis=1), y)
-        self._source_pred = sp
-        self.n_features_in_ = X.shape[1]
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
+    def _learner_data(self, X, y, g):
+        return np.concatenate([X, g[:, None]], axis=1), y
+
+    def _store(self, learner, X, y, g, sp) -> None:
+        self.target_model_ = learner
 
     def _predict_gaussian(self, X):
         g, v_s = self._source_pred(X)
@@ -987,67 +1068,25 @@ def make_method(name: str, source: SourceModel, **options: Any):
 # --------------------------------------------------------------------------------------------
 
 
-def run_nuts_batched(
-    model: Callable[..., None],
-    kwargs_list: list[dict[str, Any]],
-    *,
-    num_warmup: int = 500,
-    num_samples: int = 500,
-    seeds: list[int] | None = None,
-    target_accept_prob: float = 0.8,
-    max_tree_depth: int = 10,
-    init_strategy: Callable | None = None,
-) -> list[Posterior]:
-    """NUTS for ``R`` data sets of the same model and shapes as one ``jax.vmap``-ed job.
+@lru_cache(maxsize=64)
+def _batched_sampler(
+    model: Callable[..., None], nw: int, ns: int, tap: float, depth: int, vectorize: bool = True
+) -> Callable:
+    """The jitted, vmapped NUTS run for one model and sampler settings, built once.
 
-    ``kwargs_list[r]`` are the model's keyword arguments for replicate ``r``; all must hold
-    arrays (or floats) of the same shapes. Each replicate gets its own initial point (from
-    ``init_strategy``, default ``init_to_median(num_samples=15)``), its own key (``seeds``),
-    and its own step-size and diagonal mass-matrix adaptation (NumPyro's functional
-    ``numpyro.infer.hmc.hmc`` kernel; windowed adaptation as in ``MCMC``), so each is exactly
-    the single-replicate sampler — only batched. Under ``vmap`` every NUTS tree runs until the
-    deepest tree of the batch finishes (masked), so the batch costs the longest replicate per
-    step; one chain per replicate. With several local devices (GPUs, or CPU host devices) and
-    ``R`` a multiple of their number, the replicate axis is sharded over them (``NamedSharding``)
-    and the one jitted job runs on all devices at once. Returns one
-    :class:`pcbtl.inference.Posterior` per replicate.
+    The data are arguments, never constants, so the program is compiled once per model,
+    settings and data shapes and reused by every later batch of the same shapes (a study's
+    replicates of every setting with the same target size share one compilation).
     """
     from numpyro.infer.hmc import hmc
-    from numpyro.infer.util import constrain_fn, initialize_model, potential_energy
-
-    R = len(kwargs_list)
-    if R < 1:
-        raise ValueError("kwargs_list must hold at least one replicate")
-    seeds = list(range(R)) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != R:
-        raise ValueError(f"seeds has {len(seeds)} entries for {R} replicates")
-    init_strategy = init_strategy or init_to_median(num_samples=15)
-    inits = []
-    for kw, s in zip(kwargs_list, seeds, strict=True):
-        info = initialize_model(
-            jax.random.PRNGKey(s), model, model_kwargs=kw, init_strategy=init_strategy
-        )
-        inits.append(info.param_info.z)
-    as_arrays = [
-        jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), kw) for kw in kwargs_list
-    ]
-    data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *as_arrays)
-    z0 = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *inits)
-    keys = jnp.stack([jax.random.PRNGKey(s + 1) for s in seeds])
-    nw, ns = int(num_warmup), int(num_samples)
+    from numpyro.infer.util import constrain_fn, potential_energy
 
     def one(key, z_init, kw):
         def pe(z):
             return potential_energy(model, (), kw, z)
 
         init_kernel, sample_kernel = hmc(pe, algo="NUTS")
-        state = init_kernel(
-            z_init,
-            nw,
-            target_accept_prob=target_accept_prob,
-            max_tree_depth=max_tree_depth,
-            rng_key=key,
-        )
+        state = init_kernel(z_init, nw, target_accept_prob=tap, max_tree_depth=depth, rng_key=key)
         state = jax.lax.fori_loop(0, nw, lambda _, s: sample_kernel(s), state)
 
         def collect(s, _):
@@ -1066,6 +1105,72 @@ def run_nuts_batched(
         draws = jax.vmap(lambda z: constrain_fn(model, (), kw, z, return_deterministic=True))(zs)
         return draws, stats
 
+    if vectorize:
+        return jax.jit(jax.vmap(one))
+    return jax.jit(lambda keys, z0, data: jax.lax.map(lambda a: one(*a), (keys, z0, data)))
+
+
+def run_nuts_batched(
+    model: Callable[..., None],
+    kwargs_list: list[dict[str, Any]],
+    *,
+    num_warmup: int = 500,
+    num_samples: int = 500,
+    seeds: list[int] | None = None,
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    init_strategy: Callable | None = None,
+    vectorize: bool = True,
+) -> list[Posterior]:
+    """NUTS for ``R`` data sets of the same model and shapes as one ``jax.vmap``-ed job.
+
+    ``kwargs_list[r]`` are the model's keyword arguments for replicate ``r``; all must hold
+    arrays (or floats) of the same shapes. Each replicate gets its own initial point (from
+    ``init_strategy``, default ``init_to_median(num_samples=15)``), its own key (``seeds``),
+    and its own step-size and diagonal mass-matrix adaptation (NumPyro's functional
+    ``numpyro.infer.hmc.hmc`` kernel; windowed adaptation as in ``MCMC``), so each is exactly
+    the single-replicate sampler — only batched. Under ``vmap`` every NUTS tree runs until the
+    deepest tree of the batch finishes (masked), so the batch costs the longest replicate per
+    step; one chain per replicate. With several local devices (GPUs, or CPU host devices) and
+    ``R`` a multiple of their number, the replicate axis is sharded over them (``NamedSharding``)
+    and the one jitted job runs on all devices at once. Returns one
+    :class:`pcbtl.inference.Posterior` per replicate.
+    """
+    from numpyro.infer.util import initialize_model
+
+    R = len(kwargs_list)
+    if R < 1:
+        raise ValueError("kwargs_list must hold at least one replicate")
+    seeds = list(range(R)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != R:
+        raise ValueError(f"seeds has {len(seeds)} entries for {R} replicates")
+    init_strategy = init_strategy or init_to_median(num_samples=15)
+    inits = []
+    for kw, s in zip(kwargs_list, seeds, strict=True):
+        info = initialize_model(
+            jax.random.PRNGKey(s), model, model_kwargs=kw, init_strategy=init_strategy
+        )
+        inits.append(info.param_info.z)
+    as_arrays = [
+        jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), kw) for kw in kwargs_list
+    ]
+    try:
+        data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *as_arrays)
+    except ValueError as exc:
+        raise ValueError(
+            f"the replicates' model arguments differ in structure or shape, so they cannot be "
+            f"stacked into one batch: {exc}"
+        ) from exc
+    z0 = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *inits)
+    keys = jnp.stack([jax.random.PRNGKey(s + 1) for s in seeds])
+    sampler = _batched_sampler(
+        model,
+        int(num_warmup),
+        int(num_samples),
+        float(target_accept_prob),
+        int(max_tree_depth),
+        bool(vectorize),
+    )
     n_dev = jax.local_device_count()
     if n_dev > 1 and R % n_dev == 0:
         # one slice of the replicate axis per local device; jit partitions the vmapped job
@@ -1074,7 +1179,7 @@ def run_nuts_batched(
 
         sharding = NamedSharding(Mesh(np.array(jax.local_devices()), ("r",)), P("r"))
         keys, z0, data = jax.device_put((keys, z0, data), sharding)
-    draws, stats = jax.jit(jax.vmap(one))(keys, z0, data)
+    draws, stats = sampler(keys, z0, data)
     out = []
     for r in range(R):
         samples = {k: np.asarray(v[r])[None] for k, v in draws.items()}
@@ -1093,93 +1198,63 @@ def run_nuts_batched(
 
 
 def supports_batching(estimator: Any) -> bool:
-    """Whether :func:`fit_replicates` fits ``estimator`` in a batched job: the last-layer models
-    (PC prior and ``N(β_S, τ²I)``), whose data enter only through fixed-shape QR statistics, with
-    NUTS and one chain."""
-    if isinstance(estimator, PCTransferRegressor):
-        return (
-            estimator.prior == "last_layer"
-            and estimator.inference == "nuts"
-            and estimator.num_chains == 1
-        )
-    return isinstance(estimator, BayesianLastLayerRegressor) and estimator.num_chains == 1
-
-
-def _pc_prepare(est: PCTransferRegressor, X, y):
-    # mirrors the set-up half of PCTransferRegressor.fit (pcbtl.transfer)
-    est._check_params()
-    X, y = check_Xy(X, y, n_features=est.source.n_features, min_rows=2)
-    setup = est._setup(X)
-    return X, y, setup, est._model_kwargs(setup, X, y)
-
-
-def _pc_complete(est: PCTransferRegressor, posterior: Posterior, X, y, setup, seconds):
-    # mirrors the tail of PCTransferRegressor.fit for prior="last_layer" (pcbtl.transfer)
-    for name in ("sigma", "distance"):
-        if not np.all(np.isfinite(posterior.samples[name])):
-            raise FloatingPointError(f"non-finite posterior draws of {name}; fit failed")
-    attrs = {"pcbtl_prior": est.prior, "U": float(est.U), "alpha": float(est.alpha)}
-    est.idata_ = est._finish(posterior, X, y, setup, attrs=attrs)
-    est._state = setup
-    est.posterior_ = posterior
-    est.distance_ = posterior.flat("distance")
-    est.rate_ = setup["rate"]
-    est.sigma_scale_ = setup["sigma_scale"]
-    est.reference_size_ = int(setup["Xref"].shape[0])
-    est.n_features_in_ = X.shape[1]
-    est.num_divergences_ = posterior.num_divergences
-    est.ridge_ = setup["ridge"]
-    est.fit_seconds_ = seconds
-    return est
+    """Whether :func:`fit_replicates` can sample ``estimator`` in a batched job: every method
+    whose posterior is sampled by NUTS with one chain — the PC priors (both constructions), the
+    Bayesian last layer, the target-only and pretrained-prior networks, and the Hutchinson
+    architectures with the Bayesian-network base learner."""
+    batchable = getattr(estimator, "_batchable", None)
+    if batchable is None or not hasattr(estimator, "_batch_plan"):
+        return False
+    return bool(batchable())
 
 
 def fit_replicates(estimators: list[Any], datasets: list[tuple[Any, Any]]) -> list[Any]:
     """Fit ``estimators[r]`` on ``datasets[r] = (X_r, y_r)``; returns the fitted estimators.
 
-    When every estimator :func:`supports_batching`, is of one class and shares the sampler
-    settings, all replicates are sampled as one vmapped NUTS job (:func:`run_nuts_batched`), and
-    each ``fit_seconds_`` is the batch time divided by ``R``; otherwise they are fitted one by
-    one. ``batched_`` tells which happened.
+    When every estimator :func:`supports_batching` and their plans share the model and the
+    sampler settings, all replicates are sampled as one vmapped NUTS job
+    (:func:`run_nuts_batched`; compiled once per model and data shapes, so later batches of the
+    same shapes reuse it) and each ``fit_seconds_`` is the replicate's own set-up time plus the
+    batch time divided by ``R``. Otherwise — or when the models' arguments cannot be stacked
+    (different shapes) — they are fitted one by one. ``batched_`` tells which happened.
     """
     if len(estimators) != len(datasets):
         raise ValueError("estimators and datasets must have the same length")
-    kinds = {type(e) for e in estimators}
-    settings = {(e.num_warmup, e.num_samples) for e in estimators}
-    if not (
-        all(supports_batching(e) for e in estimators) and len(kinds) == 1 and len(settings) == 1
-    ):
+
+    def one_by_one():
         for est, (X, y) in zip(estimators, datasets, strict=True):
             est.fit(X, y)
             est.batched_ = False
         return estimators
-    t0 = time.perf_counter()
-    prepared = []
-    for est, (X, y) in zip(estimators, datasets, strict=True):
-        if isinstance(est, PCTransferRegressor):
-            prepared.append(_pc_prepare(est, X, y))
-        else:
-            Xc, yc, kw = est._prepare(X, y)
-            prepared.append((Xc, yc, None, kw))
-    first = estimators[0]
-    if isinstance(first, PCTransferRegressor):
-        from pcbtl.models import last_layer_pc_model as model
 
-        tap = first.target_accept_prob
-    else:
-        model, tap = bayes_last_layer_model, 0.8
+    if not estimators or not all(supports_batching(e) for e in estimators):
+        return one_by_one()
+    plans = [e._batch_plan(X, y) for e, (X, y) in zip(estimators, datasets, strict=True)]
+    settings = {
+        (p.model, p.num_warmup, p.num_samples, p.target_accept_prob, p.max_tree_depth)
+        for p in plans
+    }
+    shapes = {
+        tuple(np.shape(a) for a in jax.tree_util.tree_leaves(p.kwargs))
+        + (jax.tree_util.tree_structure(p.kwargs),)
+        for p in plans
+    }
+    if len(settings) != 1 or len(shapes) != 1:
+        return one_by_one()
+    first = plans[0]
+    t0 = time.perf_counter()
     posts = run_nuts_batched(
-        model,
-        [p[3] for p in prepared],
+        first.model,
+        [p.kwargs for p in plans],
         num_warmup=first.num_warmup,
         num_samples=first.num_samples,
-        seeds=[e.seed for e in estimators],
-        target_accept_prob=tap,
+        seeds=[p.seed for p in plans],
+        target_accept_prob=first.target_accept_prob,
+        max_tree_depth=first.max_tree_depth,
+        init_strategy=first.init_strategy,
     )
-    seconds = (time.perf_counter() - t0) / len(estimators)
-    for est, post, (X, y, setup, _) in zip(estimators, posts, prepared, strict=True):
-        if isinstance(est, PCTransferRegressor):
-            _pc_complete(est, post, X, y, setup, seconds)
-        else:
-            est._complete(post, X, y, seconds)
+    share = (time.perf_counter() - t0) / len(plans)
+    for est, post, plan in zip(estimators, posts, plans, strict=True):
+        plan.complete(post, seconds=plan.setup_seconds + share)
         est.batched_ = True
     return estimators

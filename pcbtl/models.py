@@ -168,6 +168,8 @@ def scale_pc_model(
     X: jax.Array | None = None,
     y: jax.Array | None = None,
     rate_log_sd: float | None = None,
+    *,
+    centred: bool = False,
 ) -> None:
     r"""Scale PC transfer model over a chosen transfer set (DESIGN.md §2 (b)).
 
@@ -178,15 +180,23 @@ def scale_pc_model(
     :func:`pcbtl.networks.transfer_parametrization`); ``curve`` is the precomputed Monte Carlo
     ``r(τ)`` (:func:`pcbtl.kl.distance_curve`); ``rate_log_sd`` as in :func:`last_layer_pc_model`.
     Sites: ``sigma``, ``tau``, ``eps``, ``distance``.
+
+    ``centred=True`` writes the same prior as ``θ ~ N(θ_S, τ² diag(s²))`` and samples ``θ``
+    (site ``theta`` instead of ``eps``). With many target rows the likelihood fixes ``θ``
+    closely and the non-centred ``ε = (θ − θ_S)/(τ s)`` is tied to ``τ`` (a funnel); sampling
+    ``θ`` removes that coupling. With few rows the non-centred form is the better one.
     """
     sigma = _sigma(sigma_scale)
     rate = _rate(rate, rate_log_sd)
     tau = numpyro.sample("tau", ScalePC(curve, sigma, rate))
-    eps = numpyro.sample("eps", dist.Normal(jnp.zeros_like(theta_source), 1.0).to_event(1))
+    if centred:
+        theta = numpyro.sample("theta", dist.Normal(theta_source, tau * scales).to_event(1))
+    else:
+        eps = numpyro.sample("eps", dist.Normal(jnp.zeros_like(theta_source), 1.0).to_event(1))
+        theta = theta_source + tau * scales * eps
     numpyro.deterministic("distance", distance_curve_value(curve, tau) / sigma)
     if X is not None and y is not None:
-        mean = predict_fn(theta_source + tau * scales * eps, X)
-        numpyro.sample("y", dist.Normal(mean, sigma), obs=y)
+        numpyro.sample("y", dist.Normal(predict_fn(theta, X), sigma), obs=y)
 
 
 def bnn_model(

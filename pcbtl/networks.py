@@ -17,7 +17,7 @@ import math
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +34,7 @@ from pcbtl._validation import check_X, check_Xy
 __all__ = [
     "ACTIVATIONS",
     "MLP",
+    "NetworkFn",
     "SourceModel",
     "TransferParametrization",
     "resolve_transfer_layers",
@@ -364,19 +365,64 @@ def train_source(
     )
 
 
+@jax.tree_util.register_pytree_node_class
+class NetworkFn:
+    r"""``g(X; θ)`` for a flat vector ``θ`` of the transfer layers, everything else held as data.
+
+    Calling ``fn(θ, X)`` evaluates ``m_y + s_y f((X − m_x)/s_x; θ ∪ θ_frozen)``. The instance is a
+    JAX pytree whose leaves are the frozen parameters and the scalings (``aux``) and whose static
+    part is the architecture's apply function, shared (cached) by every network of the same
+    architecture and transfer set. So a jitted function that takes a ``NetworkFn`` as an
+    *argument* compiles once per architecture and shape, not once per source network, and the
+    networks of many replicates can be stacked leaf by leaf and ``vmap``-ed over.
+    """
+
+    def __init__(self, apply: Callable[..., jax.Array], aux: dict[str, Any]) -> None:
+        self.apply = apply
+        self.aux = aux
+
+    def __call__(self, theta: jax.Array, X: jax.Array) -> jax.Array:
+        return self.apply(theta, self.aux, X)
+
+    def tree_flatten(self):
+        return (self.aux,), self.apply
+
+    @classmethod
+    def tree_unflatten(cls, apply, children):
+        return cls(apply, children[0])
+
+
+@lru_cache(maxsize=128)
+def _flat_apply(
+    hidden: tuple[int, ...], activation: str, n_features: int, layers: tuple[str, ...]
+) -> Callable[..., jax.Array]:
+    """The architecture's ``apply(θ, aux, X)``, one function object per architecture."""
+    module = MLP(hidden=tuple(hidden), out=1, activation=activation)
+    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, n_features)))["params"]
+    _, unravel = ravel_pytree({k: template[k] for k in layers})
+
+    def apply(theta: jax.Array, aux: dict[str, Any], X: jax.Array) -> jax.Array:
+        params = {**aux["frozen"], **unravel(theta)}
+        out = module.apply({"params": params}, (X - aux["x_mean"]) / aux["x_scale"])
+        return aux["y_mean"] + aux["y_scale"] * out[..., 0]
+
+    return apply
+
+
 class TransferParametrization(NamedTuple):
     """A flat view of the transfer set of a source network.
 
     ``theta_source`` is the float32 vector of the source values of the parameters in
     ``layers`` (raveled once, outside any sampler loop); ``scales`` holds the fixed
-    per-parameter scales ``s``; ``predict_fn(θ, X)`` evaluates ``g(X)`` in the units of ``y``
-    with those parameters set to ``θ`` and every other parameter frozen at ``θ_S``.
+    per-parameter scales ``s``; ``predict_fn(θ, X)`` (a :class:`NetworkFn`) evaluates ``g(X)``
+    in the units of ``y`` with those parameters set to ``θ`` and every other parameter frozen
+    at ``θ_S``.
     """
 
     layers: tuple[str, ...]
     theta_source: jax.Array
     scales: jax.Array
-    predict_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    predict_fn: NetworkFn
 
 
 def resolve_transfer_layers(source: SourceModel, transfer_layers: Any) -> tuple[str, ...]:
@@ -422,7 +468,7 @@ def transfer_parametrization(
     layers = resolve_transfer_layers(source, transfer_layers)
     frozen = {k: v for k, v in source.params.items() if k not in layers}
     subset = {k: source.params[k] for k in layers}
-    theta0, unravel = ravel_pytree(jax.tree_util.tree_map(jnp.asarray, subset))
+    theta0, _ = ravel_pytree(jax.tree_util.tree_map(jnp.asarray, subset))
     theta0 = theta0.astype(jnp.float32)
     scales_tree = {
         k: jax.tree_util.tree_map(
@@ -434,9 +480,12 @@ def transfer_parametrization(
         for k, v in subset.items()
     }
     scales, _ = ravel_pytree(scales_tree)
-    frozen = jax.tree_util.tree_map(jnp.asarray, frozen)
-
-    def predict_fn(theta: jax.Array, X: jax.Array) -> jax.Array:
-        return source.apply({**frozen, **unravel(theta)}, X)
-
-    return TransferParametrization(layers, theta0, scales, predict_fn)
+    aux = {
+        "frozen": jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), frozen),
+        "x_mean": jnp.asarray(source.x_mean, jnp.float32),
+        "x_scale": jnp.asarray(source.x_scale, jnp.float32),
+        "y_mean": jnp.asarray(source.y_mean, jnp.float32),
+        "y_scale": jnp.asarray(source.y_scale, jnp.float32),
+    }
+    apply = _flat_apply(tuple(source.hidden), source.activation, source.n_features, layers)
+    return TransferParametrization(layers, theta0, scales, NetworkFn(apply, aux))

@@ -33,6 +33,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
 import time
 import traceback
@@ -72,7 +73,9 @@ class StudyConfig:
     ``deltas`` holds discrepancy sizes (noise sds) and/or ``"unrelated"``; ``covariate_shifts``
     the input shifts ``c`` (0: none). ``source_hidden``/``source_max_epochs`` set the source
     network; ``learner_hidden`` the networks of the target-only and Hutchinson BNN learners;
-    ``num_warmup``/``num_samples`` every NUTS fit; ``n_estimators`` every forest.
+    ``num_warmup``/``num_samples`` every NUTS fit and ``max_tree_depth`` every NUTS fit of a
+    network (the same tree budget for the PC scale prior and the Bayesian-network baselines);
+    ``n_estimators`` every forest.
     ``batched=True`` fits the replicates of a setting in one vmapped NUTS job where the model
     allows it (:func:`pcbtl.methods.supports_batching`).
     """
@@ -89,9 +92,10 @@ class StudyConfig:
     source_hidden: tuple[int, ...] = (32, 32)
     source_max_epochs: int = 300
     learner_hidden: tuple[int, ...] = (16,)
-    num_warmup: int = 500
-    num_samples: int = 500
-    n_estimators: int = 200
+    num_warmup: int = 150
+    num_samples: int = 150
+    max_tree_depth: int = 8
+    n_estimators: int = 100
     multitask_source_rows: int = 1000
     pc_scale_reference: int = 2000
     batched: bool = True
@@ -209,14 +213,17 @@ def _method_options(name: str, cfg: StudyConfig, task, seed: int) -> dict[str, A
         return {}
     if name == "fine-tuning":
         return {"seed": seed}
-    if name in ("pretrained-gaussian", "bayes-last-layer", "pc-last-layer"):
+    if name in ("bayes-last-layer", "pc-last-layer"):
         return nuts
+    if name == "pretrained-gaussian":
+        return {**nuts, "max_tree_depth": cfg.max_tree_depth}
+    deep = {**nuts, "max_tree_depth": cfg.max_tree_depth}
     if name == "pc-scale":
-        return {**nuts, "max_reference": cfg.pc_scale_reference}
+        return {**deep, "max_reference": cfg.pc_scale_reference}
     if name == "target-only":
-        return {**nuts, "hidden": cfg.learner_hidden}
+        return {**deep, "hidden": cfg.learner_hidden}
     arch, base = name.rsplit("-", 1)
-    opts = {**(rf if base == "rf" else {**nuts, "hidden": cfg.learner_hidden})}
+    opts = {**(rf if base == "rf" else {**deep, "hidden": cfg.learner_hidden})}
     if arch == "multitask":
         opts["max_source_rows"] = cfg.multitask_source_rows if base == "bnn" else cfg.n_source
     if METHODS[name].uses_source_data:
@@ -225,10 +232,11 @@ def _method_options(name: str, cfg: StudyConfig, task, seed: int) -> dict[str, A
 
 
 def _settings(cfg: StudyConfig):
+    # smallest targets first: a study stopped early still covers every δ at the sizes done
     for c in cfg.covariate_shifts:
-        for delta in cfg.deltas:
-            for n_t in cfg.n_targets:
-                yield delta, int(n_t), float(c)
+        for n_t in sorted(int(n) for n in cfg.n_targets):
+            for delta in cfg.deltas:
+                yield delta, n_t, float(c)
 
 
 def run_study(
@@ -240,14 +248,29 @@ def run_study(
     its error message (column ``error``) instead of stopping the study.
     """
     out = None if out is None else Path(out)
+    rows: list[dict[str, Any]] = []
+    done: set[tuple[str, int, float]] = set()
     if out is not None:
+        rows, done = _resume(config, out, verbose)
         out.mkdir(parents=True, exist_ok=True)
         meta = {"config": asdict(config), **environment()}
-        (out / "config.json").write_text(json.dumps(meta, indent=2, default=str))
-    rows: list[dict[str, Any]] = []
+    if verbose:
+        import jax
+
+        print(f"JAX devices: {jax.local_device_count()} × {jax.default_backend()}", flush=True)
+    earlier = _earlier_seconds(out) if done else 0.0
     t_start = time.perf_counter()
+
+    def save_meta() -> None:
+        if out is not None:
+            meta["elapsed_seconds"] = earlier + time.perf_counter() - t_start
+            _atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
+
+    save_meta()
     for delta, n_t, c in _settings(config):
         label = _delta_label(delta)
+        if (label, n_t, c) in done:
+            continue
         seeds = [replicate_seed(config.seed, delta, n_t, c, r) for r in range(config.n_replicates)]
         tasks, sources = [], []
         t0 = time.perf_counter()
@@ -334,22 +357,72 @@ def run_study(
                 )
         if out is not None:
             write_csv(rows, out / "results.csv")
+            save_meta()
     if out is not None:
         write_csv(rows, out / "results.csv")
-        (out / "summary.md").write_text(
-            summary_markdown(rows, time.perf_counter() - t_start, config)
+        save_meta()
+        _atomic_write_text(
+            out / "summary.md", summary_markdown(rows, meta["elapsed_seconds"], config)
         )
         plot_results(rows, out)
     return rows
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Write ``rows`` to ``path`` atomically (a temporary file renamed over the old one)."""
     if not rows:
         return
-    with open(path, "w", newline="") as fh:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _earlier_seconds(out: Path | None) -> float:
+    """Run time recorded by earlier invocations of a resumed study."""
+    try:
+        return float(json.loads((out / "config.json").read_text()).get("elapsed_seconds", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+
+
+def _resume(
+    config: StudyConfig, out: Path, verbose: bool
+) -> tuple[list[dict[str, Any]], set[tuple[str, int, float]]]:
+    """Rows already in ``out/results.csv`` from a run of the same ``config``, and the settings
+    they complete (every method and replicate present), so a killed study goes on where it
+    stopped. Rows of incomplete settings are dropped (those settings are run again). A folder
+    holding a study of another configuration is refused rather than mixed."""
+    csv_path, cfg_path = out / "results.csv", out / "config.json"
+    if not csv_path.exists():
+        return [], set()
+    if cfg_path.exists():
+        old = json.loads(cfg_path.read_text()).get("config")
+        new = json.loads(json.dumps(asdict(config), default=str))
+        if old != new:
+            raise ValueError(
+                f"{out} holds a study of a different configuration; choose another --out "
+                "folder (or remove that one) to start a new study"
+            )
+    rows = read_csv(csv_path)
+    have: dict[tuple[str, int, float], set[tuple[int, str]]] = defaultdict(set)
+    for r in rows:
+        have[(r["delta"], r["n_target"], r["covariate_shift"])].add((r["replicate"], r["method"]))
+    need = {(r, m) for r in range(config.n_replicates) for m in config.methods}
+    done = {key for key, got in have.items() if need <= got}
+    rows = [r for r in rows if (r["delta"], r["n_target"], r["covariate_shift"]) in done]
+    if verbose and done:
+        print(f"resuming {out}: {len(done)} setting(s) already complete, skipped", flush=True)
+    return rows, done
 
 
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
@@ -435,7 +508,7 @@ def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | N
             f"learner networks {config.learner_hidden}; forests {config.n_estimators} trees."
         )
     if seconds is not None:
-        lines.append(f"Total run time {seconds / 60:.1f} min.")
+        lines.append(f"Total run time {seconds / 60:.1f} min (over every resumed invocation).")
     settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
     order = {m: i for i, m in enumerate(methods())}
     for c, delta, n_t in settings:
@@ -551,6 +624,11 @@ def _simulate(args: argparse.Namespace) -> int:
         changes["num_warmup"] = changes["num_samples"] = args.draws
     if args.no_batch:
         changes["batched"] = False
+    if args.host_devices:
+        # must run before JAX starts its CPU backend (nothing has computed yet here)
+        import numpyro
+
+        numpyro.set_host_device_count(args.host_devices)
     changes["seed"] = args.seed
     cfg = replace(cfg, **changes)
     rows = run_study(cfg, args.out, verbose=True)
@@ -581,5 +659,12 @@ def add_simulate_command(sub) -> None:
     p.add_argument("--covariate-shift", default=None, help="comma-separated input shifts c")
     p.add_argument("--draws", type=int, default=None, help="NUTS warmup = samples = DRAWS")
     p.add_argument("--no-batch", action="store_true", help="fit replicates one by one")
+    p.add_argument(
+        "--host-devices",
+        type=int,
+        default=None,
+        help="split the CPU into N JAX devices; batched replicates are sharded over them "
+        "(e.g. the number of cores; the replicate count must be a multiple of N)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)

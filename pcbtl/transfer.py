@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -21,7 +22,7 @@ from jax.scipy.special import ndtr
 from numpyro.infer import init_to_median, init_to_sample
 
 from pcbtl._validation import check_positive, check_probability, check_X, check_Xy
-from pcbtl.inference import Posterior, run_nuts, run_svi, to_inference_data
+from pcbtl.inference import BatchPlan, Posterior, run_nuts, run_svi, to_inference_data
 from pcbtl.kl import default_tau_grid, distance_curve
 from pcbtl.models import (
     bnn_model,
@@ -29,7 +30,13 @@ from pcbtl.models import (
     last_layer_sufficient_stats,
     scale_pc_model,
 )
-from pcbtl.networks import MLP, SourceModel, resolve_transfer_layers, transfer_parametrization
+from pcbtl.networks import (
+    MLP,
+    NetworkFn,
+    SourceModel,
+    resolve_transfer_layers,
+    transfer_parametrization,
+)
 from pcbtl.priors import (
     LastLayerPC,
     ScalePC,
@@ -154,21 +161,30 @@ class PosteriorRegressor:
         )
 
 
+#: the centred scale model as one function object (batched samplers are cached per model)
+_scale_pc_model_centred = partial(scale_pc_model, centred=True)
+
+
 def _check_choice(value: Any, options: tuple[str, ...], name: str) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
     return value
 
 
-@partial(jax.jit, static_argnums=(0,))
-def _batched_apply_jit(predict_fn, thetas: jax.Array, X: jax.Array) -> jax.Array:
+def _apply_draws(predict_fn, thetas: jax.Array, X: jax.Array) -> jax.Array:
     return jax.lax.map(lambda th: predict_fn(th, X), thetas, batch_size=64)
+
+
+_apply_draws_static = jax.jit(_apply_draws, static_argnums=(0,))
+_apply_draws_pytree = jax.jit(_apply_draws)
 
 
 def _batched_apply(predict_fn, thetas: jax.Array, X: jax.Array) -> np.ndarray:
     """``predict_fn(θ_s, X)`` for every row of ``thetas``, in vmapped batches (``lax.map``);
-    compiled once per ``predict_fn`` and shape."""
-    return np.asarray(_batched_apply_jit(predict_fn, thetas, X))
+    compiled once per architecture and shape for a :class:`pcbtl.networks.NetworkFn`, once per
+    function object for any other callable."""
+    jitted = _apply_draws_pytree if isinstance(predict_fn, NetworkFn) else _apply_draws_static
+    return np.asarray(jitted(predict_fn, thetas, X))
 
 
 class PCTransferRegressor(PosteriorRegressor):
@@ -215,6 +231,14 @@ class PCTransferRegressor(PosteriorRegressor):
     n_eps, n_tau, max_reference, scale:
         Scale prior only: ``ε`` draws and grid size of ``r(τ)``; at most ``max_reference``
         reference rows (a random subset) enter ``r(τ)``; per-parameter scale ``s``.
+    parametrization:
+        Scale prior only. ``"noncentred"`` (default) samples ``ε`` with ``θ = θ_S + τ s⊙ε``:
+        best when the target data are few and the posterior stays near the prior. ``"centred"``
+        samples ``θ ~ N(θ_S, τ² diag(s²))`` itself: best when many target rows pin ``θ`` down
+        (thousands of rows), where the non-centred ``ε`` is tied to ``τ`` by a funnel. Both
+        are the same prior (see :func:`pcbtl.models.scale_pc_model`).
+    max_tree_depth:
+        NUTS tree-depth limit (at most ``2^depth − 1`` leapfrog steps per draw).
 
     Fitted attributes: ``idata_``, ``posterior_``, ``distance_``, ``rate_``, ``reference_size_``,
     ``num_divergences_``, ``fit_seconds_``, and ``ridge_`` (last layer) or ``curve_`` (scale).
@@ -245,6 +269,8 @@ class PCTransferRegressor(PosteriorRegressor):
         n_tau: int = 64,
         max_reference: int = 4000,
         scale: str = "fan_in",
+        max_tree_depth: int = 10,
+        parametrization: str = "noncentred",
     ) -> None:
         self.source = source
         self.prior = prior
@@ -268,6 +294,8 @@ class PCTransferRegressor(PosteriorRegressor):
         self.n_tau = n_tau
         self.max_reference = max_reference
         self.scale = scale
+        self.max_tree_depth = max_tree_depth
+        self.parametrization = parametrization
         self._check_params()
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -276,6 +304,11 @@ class PCTransferRegressor(PosteriorRegressor):
             raise ValueError(f"source must be a pcbtl.SourceModel, got {type(self.source)}")
         _check_choice(self.prior, PRIORS, "prior")
         _check_choice(self.inference, INFERENCES, "inference")
+        _check_choice(self.parametrization, ("noncentred", "centred"), "parametrization")
+        if isinstance(self.max_tree_depth, bool) or not isinstance(self.max_tree_depth, int):
+            raise ValueError(f"max_tree_depth must be an int, got {self.max_tree_depth!r}")
+        if not 1 <= self.max_tree_depth <= 15:
+            raise ValueError(f"max_tree_depth must be between 1 and 15, got {self.max_tree_depth}")
         pc_rate(self.U, self.alpha)  # raises ValueError naming U or alpha
         if self.prior == "last_layer":
             if self.transfer_layers not in (None, "last", "output", ("output",), ["output"]):
@@ -377,7 +410,7 @@ class PCTransferRegressor(PosteriorRegressor):
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
         setup = self._setup(X)
-        model = last_layer_pc_model if self.prior == "last_layer" else scale_pc_model
+        model = self._model()
         kwargs = self._model_kwargs(setup, X, y)
         if self.inference == "nuts":
             posterior = run_nuts(
@@ -389,6 +422,7 @@ class PCTransferRegressor(PosteriorRegressor):
                 chain_method=self.chain_method,
                 seed=self.seed,
                 target_accept_prob=self.target_accept_prob,
+                max_tree_depth=self.max_tree_depth,
                 init_strategy=init_to_median(num_samples=15),
                 progress_bar=self.progress_bar,
             )
@@ -402,6 +436,38 @@ class PCTransferRegressor(PosteriorRegressor):
                 seed=self.seed,
                 progress_bar=self.progress_bar,
             )
+        return self._complete(posterior, X, y, setup, time.perf_counter() - t0)
+
+    def _model(self) -> Callable[..., None]:
+        if self.prior == "last_layer":
+            return last_layer_pc_model
+        return scale_pc_model if self.parametrization == "noncentred" else _scale_pc_model_centred
+
+    def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
+        """The fit split for :func:`pcbtl.methods.fit_replicates`: model, arguments, completion."""
+        self._check_params()
+        X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
+        t0 = time.perf_counter()
+        setup = self._setup(X)
+        kwargs = self._model_kwargs(setup, X, y)
+        return BatchPlan(
+            model=self._model(),
+            kwargs=kwargs,
+            complete=partial(self._complete, X=X, y=y, setup=setup),
+            num_warmup=self.num_warmup,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            target_accept_prob=self.target_accept_prob,
+            max_tree_depth=self.max_tree_depth,
+            init_strategy=init_to_median(num_samples=15),
+            setup_seconds=time.perf_counter() - t0,
+        )
+
+    def _batchable(self) -> bool:
+        return self.inference == "nuts" and self.num_chains == 1
+
+    def _complete(self, posterior: Posterior, X, y, setup, seconds: float) -> PCTransferRegressor:
+        """Check the draws and store the fit (the tail of :meth:`fit`)."""
         for name in ("sigma", "distance"):
             if not np.all(np.isfinite(posterior.samples[name])):
                 raise FloatingPointError(f"non-finite posterior draws of {name}; fit failed")
@@ -410,7 +476,7 @@ class PCTransferRegressor(PosteriorRegressor):
             X,
             y,
             setup,
-            drop=("eps",) if self.prior == "scale" else (),
+            drop=("eps", "theta") if self.prior == "scale" else (),
             attrs={"pcbtl_prior": self.prior, "U": float(self.U), "alpha": float(self.alpha)},
         )
         self._state = setup
@@ -427,7 +493,7 @@ class PCTransferRegressor(PosteriorRegressor):
         else:
             self.curve_ = setup["curve"]
             self.transfer_layers_ = setup["tp"].layers
-        self.fit_seconds_ = time.perf_counter() - t0
+        self.fit_seconds_ = seconds
         return self
 
     # ---- predictions -------------------------------------------------------------------------
@@ -436,9 +502,12 @@ class PCTransferRegressor(PosteriorRegressor):
             Phi = _with_bias(self.source.features(X))
             return (Phi @ posterior.flat("beta").T.astype(np.float64)).T
         tp = setup["tp"]
-        thetas = tp.theta_source + jnp.asarray(posterior.flat("tau"))[
-            :, None
-        ] * tp.scales * jnp.asarray(posterior.flat("eps"))
+        if "theta" in posterior.samples:
+            thetas = jnp.asarray(posterior.flat("theta"))
+        else:
+            thetas = tp.theta_source + jnp.asarray(posterior.flat("tau"))[
+                :, None
+            ] * tp.scales * jnp.asarray(posterior.flat("eps"))
         return _batched_apply(tp.predict_fn, thetas, jnp.asarray(X, jnp.float32))
 
     @property
@@ -566,12 +635,11 @@ class BayesianNetworkRegressor(PosteriorRegressor):
             reference_X=X[:0].astype(np.float32),
         )
 
-    def fit(self, X: Any, y: Any) -> BayesianNetworkRegressor:
-        """Sample the posterior of the network weights and noise sd given ``(X, y)``."""
+    def _prepare(self, X: Any, y: Any):
+        """Checked data, the flat network and the keyword arguments of :func:`bnn_model`."""
         check_positive(self.prior_scale, "prior_scale")
         nf = None if self.source is None else self.source.n_features
         X, y = check_Xy(X, y, n_features=nf, min_rows=2)
-        t0 = time.perf_counter()
         net = self._network(X, y)
         tp = transfer_parametrization(net, "all", scale="fan_in")
         loc = tp.theta_source if self.source is not None else jnp.zeros_like(tp.theta_source)
@@ -584,6 +652,15 @@ class BayesianNetworkRegressor(PosteriorRegressor):
             X=jnp.asarray(X, jnp.float32),
             y=jnp.asarray(y, jnp.float32),
         )
+        return X, y, tp, kwargs
+
+    def _init_strategy(self) -> Callable:
+        return init_to_median() if self.source is not None else init_to_sample()
+
+    def fit(self, X: Any, y: Any) -> BayesianNetworkRegressor:
+        """Sample the posterior of the network weights and noise sd given ``(X, y)``."""
+        t0 = time.perf_counter()
+        X, y, tp, kwargs = self._prepare(X, y)
         posterior = run_nuts(
             bnn_model,
             kwargs,
@@ -593,16 +670,41 @@ class BayesianNetworkRegressor(PosteriorRegressor):
             chain_method=self.chain_method,
             seed=self.seed,
             max_tree_depth=self.max_tree_depth,
-            init_strategy=init_to_median() if self.source is not None else init_to_sample(),
+            init_strategy=self._init_strategy(),
             progress_bar=self.progress_bar,
         )
+        return self._complete(posterior, X, y, tp, time.perf_counter() - t0)
+
+    def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
+        """The fit split for :func:`pcbtl.methods.fit_replicates`."""
+        t0 = time.perf_counter()
+        X, y, tp, kwargs = self._prepare(X, y)
+        return BatchPlan(
+            model=bnn_model,
+            kwargs=kwargs,
+            complete=partial(self._complete, X=X, y=y, tp=tp),
+            num_warmup=self.num_warmup,
+            num_samples=self.num_samples,
+            seed=self.seed,
+            target_accept_prob=0.8,
+            max_tree_depth=self.max_tree_depth,
+            init_strategy=self._init_strategy(),
+            setup_seconds=time.perf_counter() - t0,
+        )
+
+    def _batchable(self) -> bool:
+        return self.num_chains == 1
+
+    def _complete(self, posterior: Posterior, X, y, tp, seconds: float) -> BayesianNetworkRegressor:
+        if not np.all(np.isfinite(posterior.samples["sigma"])):
+            raise FloatingPointError("non-finite posterior draws of sigma; fit failed")
         idata = self._finish(posterior, X, y, tp)
         self._state = tp
         self.posterior_ = posterior
         self.idata_ = idata
         self.n_features_in_ = X.shape[1]
         self.num_divergences_ = posterior.num_divergences
-        self.fit_seconds_ = time.perf_counter() - t0
+        self.fit_seconds_ = seconds
         return self
 
     def _posterior_means_from(self, posterior: Posterior, X: np.ndarray, tp: Any) -> np.ndarray:

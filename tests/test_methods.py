@@ -193,10 +193,63 @@ def test_batched_replicates_match_one_by_one_fits(task, source):
             diff = est.predict(task.X_test) - single.predict(task.X_test)
             assert np.sqrt(np.mean(diff**2)) < 0.02
             assert est.idata_.posterior.sizes["draw"] == 200
-    assert not supports_batching(make_method("pc-scale", source))
     assert isinstance(batch[0], pcbtl.PCTransferRegressor)
     assert isinstance(make_method("bayes-last-layer", source), BayesianLastLayerRegressor)
     assert jax.default_backend() in ("cpu", "gpu", "tpu")
+
+
+def test_batching_covers_every_nuts_method_and_compiles_once(task, source):
+    # every single-chain NUTS method batches; point estimates and forests do not
+    src_data = {"source_X": task.X_source, "source_y": task.y_source}
+    nuts = {"num_warmup": 100, "num_samples": 100}
+    batchable = {
+        "target-only": {**nuts, "hidden": (8,)},
+        "pretrained-gaussian": nuts,
+        "bayes-last-layer": nuts,
+        "pc-last-layer": nuts,
+        "pc-scale": {**nuts, "max_reference": 200, "n_tau": 16, "n_eps": 8},
+        "multitask-bnn": {**nuts, "hidden": (8,), "max_source_rows": 30, **src_data},
+        "difference-bnn": {**nuts, "hidden": (8,)},
+        "latent-bnn": {**nuts, "hidden": (8,)},
+    }
+    assert set(batchable) | {"source-only", "fine-tuning"} | {
+        m for m in pcbtl.methods() if m.endswith("-rf")
+    } == set(pcbtl.methods())
+    for name in ("source-only", "fine-tuning", "difference-rf", "multitask-rf"):
+        assert not supports_batching(
+            make_method(name, source, **src_data) if "rf" in name else make_method(name, source)
+        )
+    assert not supports_batching(make_method("pc-scale", source, num_chains=2))
+    assert not supports_batching(make_method("pc-last-layer", source, inference="svi"))
+    data = [(task.X_target[:30], task.y_target[:30]), (task.X_target[30:60], task.y_target[30:60])]
+    for name, opts in batchable.items():
+        ests = [make_method(name, source, **opts, seed=s) for s in (0, 1)]
+        assert all(supports_batching(e) for e in ests), name
+        fit_replicates(ests, data)
+        for est in ests:
+            assert est.batched_, name
+            mean, sd = est.predict(task.X_test[:50], return_std=True)
+            assert mean.shape == sd.shape == (50,) and np.all(np.isfinite(mean)) and np.all(sd > 0)
+            assert est.fit_seconds_ > 0
+    # the same model, settings and shapes again (new data and seeds): no new compilation
+    from pcbtl.methods import _batched_sampler
+
+    opts = batchable["pc-scale"]
+    runs = []
+    for seeds in ((2, 3), (4, 5)):
+        ests = [make_method("pc-scale", source, **opts, seed=s) for s in seeds]
+        fit_replicates(ests, data[::-1])
+        plan = ests[0]._batch_plan(*data[0])
+        sampler = _batched_sampler(
+            plan.model, 100, 100, plan.target_accept_prob, plan.max_tree_depth
+        )
+        runs.append(sampler._cache_size())
+    assert runs[0] == runs[1] == 1
+    # replicates whose shapes differ cannot share a batch: fitted one by one instead
+    mixed = [make_method("target-only", source, **batchable["target-only"], seed=s) for s in (0, 1)]
+    mixed[1].hidden = (4,)
+    fit_replicates(mixed, data)
+    assert not any(e.batched_ for e in mixed)
 
 
 _SHARDED = """

@@ -5,11 +5,17 @@ from __future__ import annotations
 import json
 import zipfile
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import pcbtl
-from pcbtl.networks import SourceModel, resolve_transfer_layers, transfer_parametrization
+from pcbtl.networks import (
+    NetworkFn,
+    SourceModel,
+    resolve_transfer_layers,
+    transfer_parametrization,
+)
 
 
 def test_source_learns_the_teacher(task, source):
@@ -106,3 +112,22 @@ def test_transfer_parametrization_reproduces_source(task, source):
     )
     # fan-in scales: 1/sqrt(16) for both transferred layers
     np.testing.assert_allclose(np.asarray(tp.scales), 0.25)
+
+
+def test_networks_of_one_architecture_share_one_compilation(task, source):
+    # the flat network is a pytree (parameters as data): a second source of the same
+    # architecture reuses the compiled program, and gives its own (different) predictions
+    from pcbtl.transfer import _apply_draws_pytree, _batched_apply
+
+    other = pcbtl.train_source(
+        task.X_source, task.y_source, hidden=(16, 16), seed=7, max_epochs=20, progress_bar=False
+    )
+    X = jnp.asarray(task.X_test[:64], jnp.float32)
+    outs = []
+    for src in (source, other):
+        tp = transfer_parametrization(src, "last")
+        outs.append(_batched_apply(tp.predict_fn, tp.theta_source[None], X)[0])
+        np.testing.assert_allclose(outs[-1], src.predict(task.X_test[:64]), rtol=1e-5, atol=1e-5)
+    assert _apply_draws_pytree._cache_size() == 1
+    assert not np.allclose(outs[0], outs[1])
+    assert type(transfer_parametrization(source, 1).predict_fn) is NetworkFn

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -106,9 +107,10 @@ def test_quick_study_writes_every_method_and_metric(tmp_path):
         assert r["error"] == "", (r["method"], r["error"])
         assert all(math.isfinite(r[m]) for m in METRICS), r
         assert 0.0 <= r["coverage95"] <= 1.0 and r["width95"] > 0 and r["crps"] > 0
-    # batched where the model allows it
-    assert all(r["batched"] for r in back if r["method"] in ("pc-last-layer", "bayes-last-layer"))
-    assert not any(r["batched"] for r in back if r["method"] == "pc-scale")
+    # batched wherever the posterior is sampled by single-chain NUTS
+    nuts = {"target-only", "pretrained-gaussian", "bayes-last-layer", "pc-last-layer", "pc-scale"}
+    nuts |= {"multitask-bnn", "difference-bnn", "latent-bnn"}
+    assert all(r["batched"] == (r["method"] in nuts) for r in back)
     # calibration of the PC prior with a related source (δ = 0): the mean coverage of the 95%
     # interval over 2 × 500 test points lies in [0.85, 1.0] (binomial sd of one replicate's
     # coverage at 0.95 is 0.01; the band leaves room for the short chains)
@@ -117,3 +119,44 @@ def test_quick_study_writes_every_method_and_metric(tmp_path):
         assert 0.85 <= cov <= 1.0, (name, cov)
     text = (tmp_path / "summary.md").read_text()
     assert "pc-last-layer" in text and "±" in text and "JAX" in text
+
+
+def test_killed_study_resumes_where_it_stopped(tmp_path, capsys):
+    cfg = StudyConfig(
+        deltas=(0.0, "unrelated"),
+        n_targets=(30,),
+        n_replicates=2,
+        n_source=600,
+        n_test=200,
+        methods=("source-only", "pc-last-layer"),
+        num_warmup=80,
+        num_samples=80,
+        source_hidden=(8,),
+        source_max_epochs=40,
+    )
+    full = run_study(cfg, tmp_path, verbose=False)
+    assert len(full) == 2 * 2 * 2
+    # a run killed during the second setting: its first row made it to disk, the rest did not
+    first = [r for r in full if r["delta"] == "0"]
+    partial = first + [r for r in full if r["delta"] == "unrelated"][:1]
+    with open(tmp_path / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(full[0]))
+        w.writeheader()
+        w.writerows(partial)
+    again = run_study(cfg, tmp_path, verbose=True)
+    assert "1 setting(s) already complete" in capsys.readouterr().out
+    back = read_csv(tmp_path / "results.csv")
+    assert len(again) == len(back) == len(full)
+    # the complete setting is kept as it was; the incomplete one is re-run in full, and a
+    # re-run of a seeded replicate gives the same numbers
+    for old, new in zip(first, [r for r in back if r["delta"] == "0"], strict=True):
+        assert old["rmse"] == pytest.approx(new["rmse"], rel=1e-12)
+        assert old["fit_seconds"] == pytest.approx(new["fit_seconds"], rel=1e-12)
+    redo = {(r["replicate"], r["method"]): r for r in back if r["delta"] == "unrelated"}
+    assert len(redo) == 4
+    for r in full:
+        if r["delta"] == "unrelated":
+            assert redo[(r["replicate"], r["method"])]["rmse"] == pytest.approx(r["rmse"], rel=0.05)
+    # a folder holding another configuration is refused, not mixed
+    with pytest.raises(ValueError, match="different configuration"):
+        run_study(replace(cfg, n_replicates=3), tmp_path, verbose=False)

@@ -109,6 +109,9 @@ def test_bad_fit_input_raises_and_leaves_nothing_half_fitted(task, source, make_
         ({"prior": "scale", "transfer_layers": ["hidden_9"]}, "transfer_layers"),
         ({"prior": "last_layer", "transfer_layers": "all"}, "transfer_layers"),
         ({"inference": "advi"}, "inference must"),
+        ({"parametrization": "funnel"}, "parametrization must"),
+        ({"max_tree_depth": 0}, "max_tree_depth must"),
+        ({"max_tree_depth": 8.5}, "max_tree_depth must"),
         ({"reference_X": np.ones((5, 7))}, "reference_X has 7 features"),
     ],
 )
@@ -205,3 +208,23 @@ def test_target_only_bayesian_network(task):
     assert np.mean((mu - task.y_test) ** 2) < np.var(task.y_test)
     assert np.all(sd > 0)
     assert 0.8 <= _interval_coverage(bnn, task.X_test, task.y_test) <= 1.0
+
+
+def test_centred_and_noncentred_scale_models_agree(task, source):
+    # one prior written two ways: the posterior predictive means agree. With 250 draws the
+    # Monte Carlo error of each mean is ≲ 0.01 here (posterior sds ≲ 0.1); tolerance 0.05 RMS,
+    # against an RMS spread of the target labels of ~1
+    opts = dict(prior="scale", transfer_layers="last", max_reference=400, n_tau=24, n_eps=8)
+    fits = {
+        p: pcbtl.PCTransferRegressor(source, parametrization=p, **opts, **FAST).fit(
+            task.X_target, task.y_target
+        )
+        for p in ("noncentred", "centred")
+    }
+    assert "theta" in fits["centred"].posterior_.samples
+    assert "eps" in fits["noncentred"].posterior_.samples
+    a, b = (fits[p].predict(task.X_test) for p in ("noncentred", "centred"))
+    assert np.sqrt(np.mean((a - b) ** 2)) < 0.05
+    for est in fits.values():
+        assert "theta" not in est.idata_.posterior and "eps" not in est.idata_.posterior
+        assert est.idata_.posterior["tau"].shape == (1, 250)
