@@ -4,14 +4,13 @@ r"""Many posterior fits at once: a vmapped multi-fit engine and a resumable batc
 *fits* — one (data setting, seed, method, options) each — and runs them:
 
 * **Grouping.** Fits of one method with the same options, sampler settings and data shape form a
-  group. A group whose estimators all allow it (:func:`pcbtl.methods.supports_batching`: the
-  last-layer models, whose data enter only through fixed-shape ``p×p`` QR statistics) is sampled
-  as **one vmapped NUTS job** by :func:`pcbtl.methods.fit_replicates` (NumPyro's functional
-  ``hmc`` kernel under ``jax.vmap``, each replicate with its own step-size and mass-matrix
-  adaptation); other groups are fitted one by one. With several local JAX devices a vmapped
-  group is split into one chunk per device (``jax.default_device``); the chunks run one after
-  another (NumPyro's handler stack is not thread-safe), so for concurrent devices use the Dask
-  engine with one worker per device.
+  group. A group whose estimators all allow it (:func:`pcbtl.methods.supports_batching`: every
+  method sampled by single-chain NUTS) is sampled as **one vmapped NUTS job** by
+  :func:`pcbtl.methods.fit_replicates` (NumPyro's functional ``hmc`` kernel under
+  ``jax.vmap``, each replicate with its own step-size and mass-matrix adaptation, compiled once
+  per model and shapes); other groups are fitted one by one. With several local JAX devices
+  the job's replicate axis is **sharded over all of them** (``NamedSharding``): one program
+  runs on every device at once.
 * **Writing.** Every finished fit is written at once and atomically (temporary file in the same
   folder, then ``os.replace``): ``fits/<fit_id>.nc`` (ArviZ netCDF) and ``fits/<fit_id>.json``
   (its row), the JSON last, so a row on disk always means a complete fit. ``results.csv`` (all
@@ -446,20 +445,22 @@ def _build(spec: FitSpec, source: Any, builders: dict[str, Callable] | None):
     return make_method(spec.method, source, **_method_options(spec))
 
 
-def _fit_chunk(ests, datasets, device=None):
-    """Fit a chunk: one vmapped job if every estimator allows it, else one by one.
+def _fit_chunk(ests, datasets, devices=None):
+    """Fit a chunk: one vmapped job (sharded over ``devices``) if every estimator allows it,
+    else one by one on the first device.
 
     Returns ``(errors, seconds, batched)`` per estimator (``errors[i]`` is ``""`` on success).
     """
     from pcbtl.methods import fit_replicates, supports_batching
 
     n = len(ests)
-    ctx = jax.default_device(device) if device is not None else _nullcontext()
+    first = devices[0] if devices else None
+    ctx = jax.default_device(first) if first is not None else _nullcontext()
     with ctx:
         if n > 1 and all(supports_batching(e) for e in ests):
             t0 = time.perf_counter()
             try:
-                fit_replicates(ests, datasets)
+                fit_replicates(ests, datasets, devices=devices)
                 sec = (time.perf_counter() - t0) / n
                 return [""] * n, [sec] * n, [True] * n
             except Exception:  # noqa: BLE001 - one bad replicate must fail alone: refit one by one
@@ -588,8 +589,8 @@ def run_group(
 ) -> list[dict[str, Any]]:
     """Run one group of fits (same model and data shapes) and write each as it finishes.
 
-    A group that :func:`pcbtl.methods.supports_batching` is one vmapped NUTS job (split over
-    ``devices``, default all local JAX devices, one chunk each); otherwise its fits run one by
+    A group that :func:`pcbtl.methods.supports_batching` is one vmapped NUTS job (sharded over
+    ``devices``, default all local JAX devices); otherwise its fits run one by
     one and each is written as soon as it is done. ``on_fit(row)`` is called after each fit is
     on disk. ``builders`` maps method names to custom estimator builders (tests, extensions).
     """
@@ -641,21 +642,12 @@ def run_group(
             (err,), (sec,), (b,) = _fit_chunk([ests[i]], [(tasks[i].X, tasks[i].y)])
             emit(i, err, sec, b, str(devices[0]))
         return rows
-    n_dev = min(len(devices), len(todo))
-    chunks = [todo[k::n_dev] for k in range(n_dev)]
-
-    def run_chunk(k):
-        idx = chunks[k]
-        dev = devices[k] if n_dev > 1 else None
-        return _fit_chunk([ests[i] for i in idx], [(tasks[i].X, tasks[i].y) for i in idx], dev)
-
-    # The chunks run one after another, each on its own device: NumPyro's effect-handler stack
-    # is process-global, so tracing two NumPyro models in threads at once is not safe. Running
-    # the devices concurrently needs the vmapped sampler to take a sharding (see the report).
-    results = [run_chunk(k) for k in range(n_dev)]
-    for k, (errors, seconds, batched) in enumerate(results):
-        for j, i in enumerate(chunks[k]):
-            emit(i, errors[j], seconds[j], batched[j], str(devices[k]))
+    errors, seconds, batched = _fit_chunk(
+        [ests[i] for i in todo], [(tasks[i].X, tasks[i].y) for i in todo], devices
+    )
+    where = str(devices[0]) if len(devices) == 1 else f"sharded over {len(devices)} devices"
+    for j, i in enumerate(todo):
+        emit(i, errors[j], seconds[j], batched[j], where if batched[j] else str(devices[0]))
     return rows
 
 

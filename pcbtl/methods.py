@@ -1068,6 +1068,31 @@ def make_method(name: str, source: SourceModel, **options: Any):
 # --------------------------------------------------------------------------------------------
 
 
+_INIT_CACHE: dict[tuple[Any, str], Callable] = {}
+
+
+def _batched_init(model: Callable[..., None], init_strategy: Callable) -> Callable:
+    """Jitted, vmapped initial points (unconstrained) for stacked replicate data: one
+    compilation per model and strategy (``repr`` of the strategy: its function and arguments)
+    instead of one per replicate."""
+    from numpyro.infer.util import find_valid_initial_params
+
+    key = (model, repr(init_strategy))
+    if key not in _INIT_CACHE:
+
+        def one(rng_key, kw, prototype):
+            return find_valid_initial_params(
+                rng_key,
+                model,
+                init_strategy=init_strategy,
+                model_kwargs=kw,
+                prototype_params=prototype,
+            )
+
+        _INIT_CACHE[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
+    return _INIT_CACHE[key]
+
+
 @lru_cache(maxsize=64)
 def _batched_sampler(
     model: Callable[..., None], nw: int, ns: int, tap: float, depth: int, vectorize: bool = True
@@ -1121,6 +1146,7 @@ def run_nuts_batched(
     max_tree_depth: int = 10,
     init_strategy: Callable | None = None,
     vectorize: bool = True,
+    devices: list[Any] | None = None,
 ) -> list[Posterior]:
     """NUTS for ``R`` data sets of the same model and shapes as one ``jax.vmap``-ed job.
 
@@ -1131,9 +1157,13 @@ def run_nuts_batched(
     ``numpyro.infer.hmc.hmc`` kernel; windowed adaptation as in ``MCMC``), so each is exactly
     the single-replicate sampler — only batched. Under ``vmap`` every NUTS tree runs until the
     deepest tree of the batch finishes (masked), so the batch costs the longest replicate per
-    step; one chain per replicate. With several local devices (GPUs, or CPU host devices) and
-    ``R`` a multiple of their number, the replicate axis is sharded over them (``NamedSharding``)
-    and the one jitted job runs on all devices at once. Returns one
+    step; one chain per replicate. ``vectorize=False`` runs the replicates one after another
+    inside the same compiled program (``lax.map``): no waiting for the deepest tree, no
+    vectorization. With several devices (``devices``, default all local devices: GPUs, or CPU
+    host devices) the replicate axis is sharded over them (``NamedSharding``) and the one jitted
+    job runs on all of them at once; ``R`` is padded to a multiple of the device count with
+    copies of the last replicate, whose draws are discarded. The program is compiled once per
+    model, sampler settings and shapes (:func:`_batched_sampler`). Returns one
     :class:`pcbtl.inference.Posterior` per replicate.
     """
     from numpyro.infer.util import initialize_model
@@ -1145,12 +1175,6 @@ def run_nuts_batched(
     if len(seeds) != R:
         raise ValueError(f"seeds has {len(seeds)} entries for {R} replicates")
     init_strategy = init_strategy or init_to_median(num_samples=15)
-    inits = []
-    for kw, s in zip(kwargs_list, seeds, strict=True):
-        info = initialize_model(
-            jax.random.PRNGKey(s), model, model_kwargs=kw, init_strategy=init_strategy
-        )
-        inits.append(info.param_info.z)
     as_arrays = [
         jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), kw) for kw in kwargs_list
     ]
@@ -1161,7 +1185,17 @@ def run_nuts_batched(
             f"the replicates' model arguments differ in structure or shape, so they cannot be "
             f"stacked into one batch: {exc}"
         ) from exc
-    z0 = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *inits)
+    init_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    # the unconstrained parameter structure, from the first replicate (one un-jitted trace)
+    prototype = initialize_model(
+        init_keys[0], model, model_kwargs=kwargs_list[0], init_strategy=init_strategy
+    ).param_info.z
+    (z0, _, _), valid = _batched_init(model, init_strategy)(init_keys, data, prototype)
+    if not bool(np.all(np.asarray(valid))):
+        bad = [r for r, ok in enumerate(np.asarray(valid)) if not ok]
+        raise RuntimeError(
+            f"no valid initial point (finite log density and gradient) for replicate(s) {bad}"
+        )
     keys = jnp.stack([jax.random.PRNGKey(s + 1) for s in seeds])
     sampler = _batched_sampler(
         model,
@@ -1171,14 +1205,21 @@ def run_nuts_batched(
         int(max_tree_depth),
         bool(vectorize),
     )
-    n_dev = jax.local_device_count()
-    if n_dev > 1 and R % n_dev == 0:
-        # one slice of the replicate axis per local device; jit partitions the vmapped job
+    devices = list(devices) if devices is not None else jax.local_devices()
+    if len(devices) > 1:
+        # one slice of the replicate axis per device; jit partitions the vmapped job
         from jax.sharding import Mesh, NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        sharding = NamedSharding(Mesh(np.array(jax.local_devices()), ("r",)), P("r"))
+        pad = (-R) % len(devices)
+        if pad:
+            keys, z0, data = jax.tree_util.tree_map(
+                lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), (keys, z0, data)
+            )
+        sharding = NamedSharding(Mesh(np.array(devices), ("r",)), P("r"))
         keys, z0, data = jax.device_put((keys, z0, data), sharding)
+    elif devices:
+        keys, z0, data = jax.device_put((keys, z0, data), devices[0])
     draws, stats = sampler(keys, z0, data)
     out = []
     for r in range(R):
@@ -1208,15 +1249,18 @@ def supports_batching(estimator: Any) -> bool:
     return bool(batchable())
 
 
-def fit_replicates(estimators: list[Any], datasets: list[tuple[Any, Any]]) -> list[Any]:
+def fit_replicates(
+    estimators: list[Any], datasets: list[tuple[Any, Any]], *, devices: list[Any] | None = None
+) -> list[Any]:
     """Fit ``estimators[r]`` on ``datasets[r] = (X_r, y_r)``; returns the fitted estimators.
 
     When every estimator :func:`supports_batching` and their plans share the model and the
     sampler settings, all replicates are sampled as one vmapped NUTS job
     (:func:`run_nuts_batched`; compiled once per model and data shapes, so later batches of the
     same shapes reuse it) and each ``fit_seconds_`` is the replicate's own set-up time plus the
-    batch time divided by ``R``. Otherwise — or when the models' arguments cannot be stacked
-    (different shapes) — they are fitted one by one. ``batched_`` tells which happened.
+    batch time divided by ``R``; the batch is sharded over ``devices`` (default all local
+    devices). Otherwise — or when the models' arguments cannot be stacked (different shapes) —
+    they are fitted one by one. ``batched_`` tells which happened.
     """
     if len(estimators) != len(datasets):
         raise ValueError("estimators and datasets must have the same length")
@@ -1252,6 +1296,7 @@ def fit_replicates(estimators: list[Any], datasets: list[tuple[Any, Any]]) -> li
         target_accept_prob=first.target_accept_prob,
         max_tree_depth=first.max_tree_depth,
         init_strategy=first.init_strategy,
+        devices=devices,
     )
     share = (time.perf_counter() - t0) / len(plans)
     for est, post, plan in zip(estimators, posts, plans, strict=True):

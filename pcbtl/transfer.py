@@ -241,7 +241,9 @@ class PCTransferRegressor(PosteriorRegressor):
         NUTS tree-depth limit (at most ``2^depth − 1`` leapfrog steps per draw).
 
     Fitted attributes: ``idata_``, ``posterior_``, ``distance_``, ``rate_``, ``reference_size_``,
-    ``num_divergences_``, ``fit_seconds_``, and ``ridge_`` (last layer) or ``curve_`` (scale).
+    ``num_divergences_``, ``fit_seconds_`` (of which ``prior_seconds_`` built the prior: the
+    reference Gram matrix, or the Monte Carlo ``r(τ)``), and ``ridge_`` (last layer) or
+    ``curve_`` (scale).
     """
 
     def __init__(
@@ -342,6 +344,12 @@ class PCTransferRegressor(PosteriorRegressor):
 
     def _setup(self, X: np.ndarray | None) -> dict[str, Any]:
         """Everything the prior needs, from the reference inputs alone (no ``y``)."""
+        t0 = time.perf_counter()
+        setup = self._setup_prior(X)
+        setup["seconds"] = time.perf_counter() - t0
+        return setup
+
+    def _setup_prior(self, X: np.ndarray | None) -> dict[str, Any]:
         rate = pc_rate(self.U, self.alpha)
         Xref = self._reference(X)
         setup: dict[str, Any] = {"rate": rate, "sigma_scale": self._sigma_scale(), "Xref": Xref}
@@ -486,6 +494,7 @@ class PCTransferRegressor(PosteriorRegressor):
         self.rate_ = setup["rate"]
         self.sigma_scale_ = setup["sigma_scale"]
         self.reference_size_ = int(setup["Xref"].shape[0])
+        self.prior_seconds_ = setup["seconds"]
         self.n_features_in_ = X.shape[1]
         self.num_divergences_ = posterior.num_divergences
         if self.prior == "last_layer":

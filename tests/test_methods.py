@@ -179,19 +179,26 @@ def test_rf_source_uncertainty_propagates(task, source):
 
 def test_batched_replicates_match_one_by_one_fits(task, source):
     # two replicates (different target subsets) in one vmapped NUTS job against separate fits:
-    # the posterior-mean predictions agree within Monte Carlo error. With 200 draws and
-    # posterior sds of the mean function ≲ 0.05 here, MC se ≲ 0.005; tolerance 0.02 (RMS).
+    # the posterior-mean predictions agree within Monte Carlo error. Measured spread between
+    # two single fits with different seeds at 200 draws: 0.007-0.023 RMS; tolerance 0.05. And
+    # each batched replicate is closer to its own single fit than to the other replicate's
+    # (the batch did not mix up the data sets).
     data = [(task.X_target[:40], task.y_target[:40]), (task.X_target[20:], task.y_target[20:])]
     opts = {"num_warmup": 200, "num_samples": 200}
     for cls_name in ("bayes-last-layer", "pc-last-layer"):
         batch = [make_method(cls_name, source, **opts, seed=s) for s in (0, 1)]
         assert all(supports_batching(e) for e in batch)
         fit_replicates(batch, data)
-        for est, (X, y), s in zip(batch, data, (0, 1), strict=True):
+        singles = [
+            make_method(cls_name, source, **opts, seed=s).fit(X, y)
+            for (X, y), s in zip(data, (0, 1), strict=True)
+        ]
+        preds = [e.predict(task.X_test) for e in singles]
+        for r, est in enumerate(batch):
             assert est.batched_
-            single = make_method(cls_name, source, **opts, seed=s).fit(X, y)
-            diff = est.predict(task.X_test) - single.predict(task.X_test)
-            assert np.sqrt(np.mean(diff**2)) < 0.02
+            own = np.sqrt(np.mean((est.predict(task.X_test) - preds[r]) ** 2))
+            other = np.sqrt(np.mean((est.predict(task.X_test) - preds[1 - r]) ** 2))
+            assert own < 0.05 and own < other, (cls_name, r, own, other)
             assert est.idata_.posterior.sizes["draw"] == 200
     assert isinstance(batch[0], pcbtl.PCTransferRegressor)
     assert isinstance(make_method("bayes-last-layer", source), BayesianLastLayerRegressor)
@@ -241,7 +248,7 @@ def test_batching_covers_every_nuts_method_and_compiles_once(task, source):
         fit_replicates(ests, data[::-1])
         plan = ests[0]._batch_plan(*data[0])
         sampler = _batched_sampler(
-            plan.model, 100, 100, plan.target_accept_prob, plan.max_tree_depth
+            plan.model, 100, 100, plan.target_accept_prob, plan.max_tree_depth, True
         )
         runs.append(sampler._cache_size())
     assert runs[0] == runs[1] == 1
