@@ -1095,7 +1095,13 @@ def _batched_init(model: Callable[..., None], init_strategy: Callable) -> Callab
 
 @lru_cache(maxsize=64)
 def _batched_sampler(
-    model: Callable[..., None], nw: int, ns: int, tap: float, depth: int, vectorize: bool = True
+    model: Callable[..., None],
+    nw: int,
+    ns: int,
+    tap: float,
+    depth: int,
+    vectorize: bool = True,
+    devices: tuple[Any, ...] = (),
 ) -> Callable:
     """The jitted, vmapped NUTS run for one model and sampler settings, built once.
 
@@ -1131,8 +1137,19 @@ def _batched_sampler(
         return draws, stats
 
     if vectorize:
-        return jax.jit(jax.vmap(one))
-    return jax.jit(lambda keys, z0, data: jax.lax.map(lambda a: one(*a), (keys, z0, data)))
+        batch = jax.vmap(one)
+    else:
+        batch = lambda keys, z0, data: jax.lax.map(lambda a: one(*a), (keys, z0, data))  # noqa: E731
+    if len(devices) > 1:
+        # each device runs its own slice of the replicates with its own loops (shard_map): no
+        # cross-device reduction inside the NUTS while-loops, so devices never wait on each
+        # other (a plain sharded vmap would synchronise every tree-building step)
+        from jax.sharding import Mesh
+        from jax.sharding import PartitionSpec as P
+
+        mesh = Mesh(np.array(devices), ("r",))
+        batch = jax.shard_map(batch, mesh=mesh, in_specs=P("r"), out_specs=P("r"), check_vma=False)
+    return jax.jit(batch)
 
 
 def run_nuts_batched(
@@ -1160,9 +1177,9 @@ def run_nuts_batched(
     step; one chain per replicate. ``vectorize=False`` runs the replicates one after another
     inside the same compiled program (``lax.map``): no waiting for the deepest tree, no
     vectorization. With several devices (``devices``, default all local devices: GPUs, or CPU
-    host devices) the replicate axis is sharded over them (``NamedSharding``) and the one jitted
-    job runs on all of them at once; ``R`` is padded to a multiple of the device count with
-    copies of the last replicate, whose draws are discarded. The program is compiled once per
+    host devices) the replicate axis is split over them with ``jax.shard_map``: each device runs
+    its slice with its own loops, all at once, in one jitted job; ``R`` is padded to a multiple
+    of the device count with copies of the last replicate, whose draws are discarded. The program is compiled once per
     model, sampler settings and shapes (:func:`_batched_sampler`). Returns one
     :class:`pcbtl.inference.Posterior` per replicate.
     """
@@ -1197,6 +1214,13 @@ def run_nuts_batched(
             f"no valid initial point (finite log density and gradient) for replicate(s) {bad}"
         )
     keys = jnp.stack([jax.random.PRNGKey(s + 1) for s in seeds])
+    devices = list(devices) if devices is not None else jax.local_devices()
+    if len(devices) > 1:
+        pad = (-R) % len(devices)
+        if pad:  # copies of the last replicate, discarded below
+            keys, z0, data = jax.tree_util.tree_map(
+                lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), (keys, z0, data)
+            )
     sampler = _batched_sampler(
         model,
         int(num_warmup),
@@ -1204,23 +1228,13 @@ def run_nuts_batched(
         float(target_accept_prob),
         int(max_tree_depth),
         bool(vectorize),
+        tuple(devices) if len(devices) > 1 else (),
     )
-    devices = list(devices) if devices is not None else jax.local_devices()
-    if len(devices) > 1:
-        # one slice of the replicate axis per device; jit partitions the vmapped job
-        from jax.sharding import Mesh, NamedSharding
-        from jax.sharding import PartitionSpec as P
-
-        pad = (-R) % len(devices)
-        if pad:
-            keys, z0, data = jax.tree_util.tree_map(
-                lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), (keys, z0, data)
-            )
-        sharding = NamedSharding(Mesh(np.array(devices), ("r",)), P("r"))
-        keys, z0, data = jax.device_put((keys, z0, data), sharding)
-    elif devices:
+    if len(devices) == 1:
         keys, z0, data = jax.device_put((keys, z0, data), devices[0])
-    draws, stats = sampler(keys, z0, data)
+    # one host transfer of the whole result (indexing a sharded device array per replicate
+    # would dispatch one gather per replicate and site)
+    draws, stats = jax.device_get(sampler(keys, z0, data))
     out = []
     for r in range(R):
         samples = {k: np.asarray(v[r])[None] for k, v in draws.items()}

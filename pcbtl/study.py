@@ -77,7 +77,10 @@ class StudyConfig:
     network; ``learner_hidden`` the networks of the target-only and Hutchinson BNN learners;
     ``num_warmup``/``num_samples`` every NUTS fit and ``max_tree_depth`` every NUTS fit of a
     network (the same tree budget for the PC scale prior and the Bayesian-network baselines);
-    ``n_estimators`` every forest.
+    ``n_estimators`` every forest. The forest-based methods see the first
+    ``forest_source_rows`` source rows (the calibrated infinitesimal-jackknife variance costs
+    training rows × test rows × trees); ``multitask_source_rows`` source rows enter the
+    multi-task network.
     ``batched=True`` fits the replicates of a setting in one vmapped NUTS job where the model
     allows it (:func:`pcbtl.methods.supports_batching`).
     """
@@ -99,6 +102,7 @@ class StudyConfig:
     max_tree_depth: int = 7
     n_estimators: int = 100
     multitask_source_rows: int = 1000
+    forest_source_rows: int = 1000
     pc_scale_reference: int = 2000
     batched: bool = True
     seed: int = 0
@@ -239,7 +243,6 @@ def score(est: Any, X: np.ndarray, y: np.ndarray, level: float = 0.95) -> dict[s
 def _method_options(name: str, cfg: StudyConfig, task, seed: int) -> dict[str, Any]:
     nuts = {"num_warmup": cfg.num_warmup, "num_samples": cfg.num_samples, "seed": seed}
     rf = {"n_estimators": cfg.n_estimators, "seed": seed}
-    src_data = {"source_X": task.X_source, "source_y": task.y_source}
     if name == "source-only":
         return {}
     if name == "fine-tuning":
@@ -256,9 +259,12 @@ def _method_options(name: str, cfg: StudyConfig, task, seed: int) -> dict[str, A
     arch, base = name.rsplit("-", 1)
     opts = {**(rf if base == "rf" else {**deep, "hidden": cfg.learner_hidden})}
     if arch == "multitask":
-        opts["max_source_rows"] = cfg.multitask_source_rows if base == "bnn" else cfg.n_source
+        opts["max_source_rows"] = (
+            cfg.multitask_source_rows if base == "bnn" else cfg.forest_source_rows
+        )
     if METHODS[name].uses_source_data:
-        opts.update(src_data)
+        k = cfg.forest_source_rows if base == "rf" else len(task.y_source)
+        opts.update({"source_X": task.X_source[:k], "source_y": task.y_source[:k]})
     return opts
 
 
@@ -655,11 +661,6 @@ def _simulate(args: argparse.Namespace) -> int:
         changes["num_warmup"] = changes["num_samples"] = args.draws
     if args.no_batch:
         changes["batched"] = False
-    if args.host_devices:
-        # must run before JAX starts its CPU backend (nothing has computed yet here)
-        import numpyro
-
-        numpyro.set_host_device_count(args.host_devices)
     changes["seed"] = args.seed
     cfg = replace(cfg, **changes)
     rows = run_study(cfg, args.out, verbose=True)
@@ -690,12 +691,5 @@ def add_simulate_command(sub) -> None:
     p.add_argument("--covariate-shift", default=None, help="comma-separated input shifts c")
     p.add_argument("--draws", type=int, default=None, help="NUTS warmup = samples = DRAWS")
     p.add_argument("--no-batch", action="store_true", help="fit replicates one by one")
-    p.add_argument(
-        "--host-devices",
-        type=int,
-        default=None,
-        help="split the CPU into N JAX devices; batched replicates are sharded over them "
-        "(e.g. the number of cores; the replicate count must be a multiple of N)",
-    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)
