@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -63,6 +64,8 @@ __all__ = [
     "score",
     "summarise",
     "add_simulate_command",
+    "headline_markdown",
+    "merge_studies",
 ]
 
 METRICS = ("rmse", "mae", "coverage95", "width95", "mlpd", "crps")
@@ -546,6 +549,7 @@ def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | N
         )
     if seconds is not None:
         lines.append(f"Total run time {seconds / 60:.1f} min (over every resumed invocation).")
+    lines += ["", "## Over all settings", "", headline_markdown(rows).rstrip("\n")]
     settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
     order = {m: i for i, m in enumerate(methods())}
     for c, delta, n_t in settings:
@@ -564,6 +568,107 @@ def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | N
             cells = [_pm(*s[m][:2], 3) for m in METRICS] + [f"{s['fit_seconds'][0]:.1f}"]
             lines.append(f"| {k[3]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def headline_markdown(rows: list[dict[str, Any]]) -> str:
+    r"""One line per method over every setting of ``rows``: the claim of the study at a glance.
+
+    Columns: mean RMSE rank (1 = best) over settings; the settings where the method is *best
+    or tied* (its mean RMSE within one standard error of the best method's, with standard
+    errors over replicates); mean 95% coverage and the lowest per-setting mean coverage; and
+    the worst ratio of its mean RMSE to target-only's over the settings (``> 1``: negative
+    transfer somewhere; ``—`` without target-only).
+    """
+    summ = summarise(rows)
+    settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
+    names = [m for m in methods() if any(k[3] == m for k in summ)]
+    ranks: dict[str, list[float]] = defaultdict(list)
+    tied: dict[str, int] = defaultdict(int)
+    worst: dict[str, float] = {}
+    for st in settings:
+        rm = {m: summ[(*st, m)]["rmse"] for m in names if (*st, m) in summ}
+        rm = {m: v for m, v in rm.items() if math.isfinite(v[0])}
+        if not rm:
+            continue
+        order = sorted(rm, key=lambda m: rm[m][0])
+        for i, m in enumerate(order):
+            ranks[m].append(i + 1)
+        best, best_se = rm[order[0]][:2]
+        for m, (mean, se, _) in rm.items():
+            if mean <= best + math.sqrt(np.nan_to_num(se) ** 2 + np.nan_to_num(best_se) ** 2):
+                tied[m] += 1
+        if "target-only" in rm:
+            base = rm["target-only"][0]
+            for m, v in rm.items():
+                worst[m] = max(worst.get(m, 0.0), v[0] / base)
+    lines = [
+        f"Over {len(settings)} settings (δ × n_T × shift): mean RMSE rank, settings where the "
+        "method is best or within one standard error of the best, mean and lowest coverage of "
+        "the 95% interval, and the worst RMSE relative to target-only (> 1: negative transfer).",
+        "",
+        "| method | mean RMSE rank | best or tied | coverage95 mean (lowest) | worst RMSE / target-only |",  # noqa: E501
+        "|---|---:|---:|---|---:|",
+    ]
+    for m in sorted(names, key=lambda m: np.mean(ranks[m]) if ranks[m] else math.inf):
+        cov = [summ[(*st, m)]["coverage95"][0] for st in settings if (*st, m) in summ]
+        cov = [c for c in cov if math.isfinite(c)]
+        cov_txt = f"{np.mean(cov):.3f} ({min(cov):.3f})" if cov else "—"
+        w = f"{worst[m]:.2f}" if m in worst else "—"
+        rank = f"{np.mean(ranks[m]):.1f}" if ranks[m] else "—"
+        lines.append(f"| {m} | {rank} | {tied[m]}/{len(settings)} | {cov_txt} | {w} |")
+    return "\n".join(lines) + "\n"
+
+
+def merge_studies(dirs: list[str | Path], out: str | Path) -> list[dict[str, Any]]:
+    """Combine the ``results.csv`` of studies run in parts (e.g. different ``--n-targets`` in
+    parallel processes) into one folder: ``results.csv``, ``summary.md`` and the plots.
+
+    The parts must share every setting of the configuration except the grid (``deltas``,
+    ``n_targets``, ``covariate_shifts``); a setting present in several parts is taken from
+    the first. The run time is the sum of the parts' times.
+    """
+    grid = ("deltas", "n_targets", "covariate_shifts")
+    rows: list[dict[str, Any]] = []
+    seen: set[tuple] = set()
+    base_cfg: dict[str, Any] | None = None
+    union: dict[str, list] = {g: [] for g in grid}
+    seconds = 0.0
+    for d in dirs:
+        d = Path(d)
+        meta = json.loads((d / "config.json").read_text())
+        cfg = dict(meta["config"])
+        for g in grid:
+            union[g] += [v for v in cfg.pop(g) if v not in union[g]]
+        if base_cfg is None:
+            base_cfg = cfg
+        elif cfg != base_cfg:
+            diff = sorted(k for k in cfg if cfg[k] != base_cfg.get(k))
+            raise ValueError(f"{d} was run with other settings ({diff}); cannot merge")
+        seconds += float(meta.get("elapsed_seconds", 0.0))
+        part = read_csv(d / "results.csv")
+        keys = {(r["covariate_shift"], r["delta"], r["n_target"]) for r in part}
+        new = keys - seen
+        rows += [r for r in part if (r["covariate_shift"], r["delta"], r["n_target"]) in new]
+        seen |= keys
+    if base_cfg is None:
+        raise ValueError("no study folders given")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    config = StudyConfig(
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in {**base_cfg, **union}.items()
+            if k in fields
+        }
+    )
+    meta = {"config": asdict(config), "merged_from": [str(d) for d in dirs], **environment()}
+    meta["elapsed_seconds"] = seconds
+    _atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
+    write_csv(rows, out / "results.csv")
+    _atomic_write_text(out / "summary.md", summary_markdown(rows, seconds, config))
+    plot_results(rows, out)
+    return rows
 
 
 def _delta_order(label: str) -> float:
@@ -645,6 +750,10 @@ def _parse_delta(text: str) -> Any:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    if args.merge:
+        rows = merge_studies(args.merge, args.out)
+        print(f"merged {len(args.merge)} studies into {args.out} ({len(rows)} rows)")
+        return 0
     cfg = QUICK if args.quick else StudyConfig()
     changes: dict[str, Any] = {}
     if args.replicates is not None:
@@ -691,5 +800,13 @@ def add_simulate_command(sub) -> None:
     p.add_argument("--covariate-shift", default=None, help="comma-separated input shifts c")
     p.add_argument("--draws", type=int, default=None, help="NUTS warmup = samples = DRAWS")
     p.add_argument("--no-batch", action="store_true", help="fit replicates one by one")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="instead of running: combine studies run in parts (e.g. different --n-targets) "
+        "into --out",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)

@@ -162,3 +162,36 @@ def test_killed_study_resumes_where_it_stopped(tmp_path, capsys):
     # a folder holding another configuration is refused, not mixed
     with pytest.raises(ValueError, match="different configuration"):
         run_study(replace(cfg, n_replicates=3), tmp_path, verbose=False)
+
+
+def test_studies_run_in_parts_merge_into_one(tmp_path):
+    base = StudyConfig(
+        deltas=(0.0, "unrelated"),
+        n_targets=(20,),
+        n_replicates=2,
+        n_source=500,
+        n_test=200,
+        methods=("source-only", "pc-last-layer"),
+        num_warmup=60,
+        num_samples=60,
+        source_hidden=(8,),
+        source_max_epochs=30,
+    )
+    a = run_study(base, tmp_path / "a", verbose=False)
+    b = run_study(replace(base, n_targets=(30,)), tmp_path / "b", verbose=False)
+    rows = main(["simulate", "--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out",
+                 str(tmp_path / "m")])  # fmt: skip
+    assert rows == 0
+    merged = read_csv(tmp_path / "m" / "results.csv")
+    assert len(merged) == len(a) + len(b)
+    assert {r["n_target"] for r in merged} == {20, 30}
+    text = (tmp_path / "m" / "summary.md").read_text()
+    assert "Over 4 settings" in text and "n_T = 30" in text and "n_T = 20" in text
+    # the over-all-settings table lists every method; without target-only in the study the
+    # negative-transfer column reads "—"
+    assert "| source-only |" in text and "| pc-last-layer |" in text and " — |" in text
+    # parts run with other settings are refused
+    run_study(replace(base, n_targets=(40,), num_samples=61), tmp_path / "c", verbose=False)
+    with pytest.raises(ValueError, match="other settings"):
+        main(["simulate", "--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out",
+              str(tmp_path / "n")])  # fmt: skip
