@@ -1,10 +1,19 @@
 """Driver of the simulation study (the code lives in :mod:`pcbtl.study`).
 
 Full study (δ ∈ {0, 0.5, 1, 2, unrelated} × n_T ∈ {25, 50, 100, 250, 500}, 20 replicates,
-n_S = 5,000, 2,000 test points, 500 + 500 NUTS draws, every method of ``pcbtl.methods()``):
+n_S = 5,000, 2,000 test points, every method of ``pcbtl.methods()``; budgets of
+``pcbtl.study.StudyConfig``: source network (16, 16), learner networks (16,), NUTS 150 + 150 draws
+with tree depth ≤ 7 for every network, forests of 100 trees on 1,000 source rows):
 
-    python benchmarks/simulation_study.py --out benchmarks/results/full
-    # the same as: pcbtl simulate --out benchmarks/results/full
+    python benchmarks/simulation_study.py --out benchmarks/results/simulation_full
+    # the same as: pcbtl simulate --out benchmarks/results/simulation_full
+
+A killed run started again with the same ``--out`` keeps the finished settings. Parts of the grid
+can run in parallel processes and be merged:
+
+    pcbtl simulate --out part_small --n-targets 25,50,100
+    pcbtl simulate --out part_large --n-targets 250,500
+    pcbtl simulate --merge part_small part_large --out benchmarks/results/simulation_full
 
 with covariate shift as a second block of settings:
 
