@@ -123,19 +123,23 @@ def test_quick_study_writes_every_method_and_metric(tmp_path):
     assert "pc-last-layer" in text and "±" in text and "JAX" in text
 
 
+#: two settings (δ = 0 and unrelated), two cheap methods: the runner's bookkeeping, not the fits
+TWO_SETTINGS = StudyConfig(
+    deltas=(0.0, "unrelated"),
+    n_targets=(30,),
+    n_replicates=2,
+    n_source=600,
+    n_test=200,
+    methods=("source-only", "pc-last-layer"),
+    num_warmup=80,
+    num_samples=80,
+    source_hidden=(8,),
+    source_max_epochs=40,
+)
+
+
 def test_killed_study_resumes_where_it_stopped(tmp_path, capsys):
-    cfg = StudyConfig(
-        deltas=(0.0, "unrelated"),
-        n_targets=(30,),
-        n_replicates=2,
-        n_source=600,
-        n_test=200,
-        methods=("source-only", "pc-last-layer"),
-        num_warmup=80,
-        num_samples=80,
-        source_hidden=(8,),
-        source_max_epochs=40,
-    )
+    cfg = TWO_SETTINGS
     full = run_study(cfg, tmp_path, verbose=False)
     assert len(full) == 2 * 2 * 2
     # a run killed during the second setting: its first row made it to disk, the rest did not
@@ -165,16 +169,12 @@ def test_killed_study_resumes_where_it_stopped(tmp_path, capsys):
 
 
 def test_studies_run_in_parts_merge_into_one(tmp_path):
-    base = StudyConfig(
-        deltas=(0.0, "unrelated"),
+    base = replace(
+        TWO_SETTINGS,
         n_targets=(20,),
-        n_replicates=2,
         n_source=500,
-        n_test=200,
-        methods=("source-only", "pc-last-layer"),
         num_warmup=60,
         num_samples=60,
-        source_hidden=(8,),
         source_max_epochs=30,
     )
     a = run_study(base, tmp_path / "a", verbose=False)
