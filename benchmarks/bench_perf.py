@@ -297,6 +297,11 @@ ESS_METHODS = (
         ("tau", "theta", "sigma"),
         {"max_reference": 2000, "max_tree_depth": 8, "parametrization": "centred"},
     ),
+    (
+        "pc-scale-interweaved",
+        ("tau", "theta", "sigma"),
+        {"max_reference": 2000, "max_tree_depth": 8, "parametrization": "interweaved"},
+    ),
     ("pretrained-gaussian", ("theta", "sigma"), {"max_tree_depth": 8}),
 )
 
@@ -344,9 +349,13 @@ def sec_ess(s):
             X, y, src = bg
             draws = s["ess_bandgap"]["draws"]
             cases.append(("band-gap target", len(y), X, y, src, {"num_warmup": draws, "num_samples": draws}))  # fmt: skip
+    chosen = os.environ.get("PCBTL_BENCH_ESS_METHODS")
+    chosen = None if not chosen else {*chosen.split(","), "pretrained-gaussian"}
     for label, n, X, y, src, nuts in cases:
         res = {}
         for method, keep, extra in ESS_METHODS:
+            if chosen is not None and method not in chosen:
+                continue
             name = "pc-scale" if method.startswith("pc-scale") else method
             est = pcbtl.make_method(name, src, **nuts, **extra)
             if hasattr(est, "_setup"):
@@ -368,7 +377,7 @@ def sec_ess(s):
             rows.append((f"{method} min(bulk,tail) ESS/s, {label} n={n}", res[method], "1/s", note))
             rows.append((f"{method} sampling s (wall − compile − prior set-up), {label} n={n}", sampling, "s", f"compile {timer.total:.1f} s, prior set-up {prior_s:.1f} s"))  # fmt: skip
             _say(f"  {rows[-2]}")
-        for m in ("pc-last-layer", "pc-scale", "pc-scale-centred"):
+        for m in [m for m in res if m != "pretrained-gaussian"]:
             rows.append((f"ratio {m} / plain BNN ESS/s, {label} n={n}", res[m] / res["pretrained-gaussian"], "×", ""))  # fmt: skip
     return rows
 
@@ -441,17 +450,42 @@ def main(argv=None):
         help="comma-separated synthetic target sizes of the ess section (default: the mode's); "
         "'none' runs only the band-gap case",
     )
+    ap.add_argument(
+        "--ess-methods",
+        default=None,
+        help="comma-separated subset of the ess section's samplers (default: all of "
+        + ", ".join(m for m, _, _ in ESS_METHODS)
+        + "); pretrained-gaussian, the reference of the ratios, is always run",
+    )
+    ap.add_argument(
+        "--ess-draws",
+        type=int,
+        default=None,
+        help="warm-up and kept draws of the ess section's band-gap case (default: the mode's)",
+    )
     ap.add_argument("--section", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ess_rows is not None:  # read by the section subprocesses
         os.environ["PCBTL_BENCH_ESS_ROWS"] = args.ess_rows
+    if args.ess_methods is not None:
+        unknown = set(args.ess_methods.split(",")) - {m for m, _, _ in ESS_METHODS}
+        if unknown:
+            raise SystemExit(f"unknown ess methods {sorted(unknown)}")
+        os.environ["PCBTL_BENCH_ESS_METHODS"] = args.ess_methods
+    if args.ess_draws is not None:
+        os.environ["PCBTL_BENCH_ESS_DRAWS"] = str(args.ess_draws)
     if args.section:  # child process: one section
         s = dict(QUICK if args.mode == "quick" else FULL)
         rows_env = os.environ.get("PCBTL_BENCH_ESS_ROWS")
         if rows_env:
             s["ess_rows"] = () if rows_env == "none" else tuple(int(t) for t in rows_env.split(","))
+        if os.environ.get("PCBTL_BENCH_ESS_DRAWS") and s["ess_bandgap"]:
+            s["ess_bandgap"] = {
+                **s["ess_bandgap"],
+                "draws": int(os.environ["PCBTL_BENCH_ESS_DRAWS"]),
+            }
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="There are not enough devices")
             warnings.filterwarnings("ignore", category=FutureWarning)

@@ -63,7 +63,9 @@ class BatchPlan(NamedTuple):
     ``model(**kwargs)`` is the NumPyro model with its data (arrays and pytrees of arrays only,
     so that replicates can be stacked); ``complete(posterior, seconds=s)`` checks the draws and
     stores the fit on the estimator; the sampler settings are those of the estimator's own
-    ``fit``. ``setup_seconds`` is the time spent preparing (added to each fit's time).
+    ``fit``. ``setup_seconds`` is the time spent preparing (added to each fit's time);
+    ``interweave`` an :class:`pcbtl.interweave.Interweave` when the scale site is sampled by the
+    interweaved slice updates instead of NUTS.
     """
 
     model: Callable[..., None]
@@ -76,6 +78,7 @@ class BatchPlan(NamedTuple):
     max_tree_depth: int
     init_strategy: Callable
     setup_seconds: float = 0.0
+    interweave: Any = None
 
 
 def run_nuts(

@@ -53,6 +53,7 @@ from scipy.stats import norm
 
 from pcbtl._validation import check_positive, check_probability, check_X, check_Xy, check_y
 from pcbtl.inference import BatchPlan, Posterior, run_nuts
+from pcbtl.interweave import Interweave, conditional_potentials, interweave_scale
 from pcbtl.models import gaussian_loglik_suffstats, last_layer_sufficient_stats
 from pcbtl.networks import MLP, SourceModel, transfer_parametrization
 from pcbtl.transfer import (
@@ -1102,35 +1103,90 @@ def _batched_sampler(
     depth: int,
     vectorize: bool = True,
     devices: tuple[Any, ...] = (),
+    interweave: Interweave | None = None,
 ) -> Callable:
     """The jitted, vmapped NUTS run for one model and sampler settings, built once.
 
     The data are arguments, never constants, so the program is compiled once per model,
     settings and data shapes and reused by every later batch of the same shapes (a study's
     replicates of every setting with the same target size share one compilation).
+
+    With ``interweave`` the scale site is taken out of NUTS: each iteration is NUTS on the
+    other sites given ``τ``, then the two interweaved slice updates of ``τ``
+    (:mod:`pcbtl.interweave`).
     """
     from numpyro.infer.hmc import hmc
     from numpyro.infer.util import constrain_fn, potential_energy
 
     def one(key, z_init, kw):
-        def pe(z):
-            return potential_energy(model, (), kw, z)
+        if interweave is None:
 
-        init_kernel, sample_kernel = hmc(pe, algo="NUTS")
-        state = init_kernel(z_init, nw, target_accept_prob=tap, max_tree_depth=depth, rng_key=key)
+            def pe(z):
+                return potential_energy(model, (), kw, z)
+
+            init_kernel, kernel = hmc(pe, algo="NUTS")
+            state = init_kernel(
+                z_init, nw, target_accept_prob=tap, max_tree_depth=depth, rng_key=key
+            )
+
+            def sample_kernel(s):
+                return kernel(s)
+
+            def full_z(s):
+                return s.z
+
+        else:
+            s_site = interweave.scale_site
+            full_pe, prior_pe = conditional_potentials(model, kw, interweave)
+            loc, scl = kw[interweave.loc_arg], kw[interweave.scale_arg]
+
+            def pe_given(u):
+                return lambda z: full_pe({**z, s_site: u})
+
+            init_kernel, kernel = hmc(potential_fn_gen=pe_given, algo="NUTS")
+            rest = {k: v for k, v in z_init.items() if k != s_site}
+            state = (
+                init_kernel(
+                    rest,
+                    nw,
+                    target_accept_prob=tap,
+                    max_tree_depth=depth,
+                    rng_key=key,
+                    model_args=(z_init[s_site],),
+                ),
+                z_init[s_site],
+            )
+
+            def sample_kernel(s):
+                hmc_state, u = s
+                hmc_state = kernel(hmc_state, model_args=(u,))
+                k_next, k_move = jax.random.split(hmc_state.rng_key)
+                u, z = interweave_scale(
+                    k_move, u, hmc_state.z, full_pe, prior_pe, loc, scl, interweave
+                )
+                energy, grad = jax.value_and_grad(pe_given(u))(z)
+                hmc_state = hmc_state._replace(
+                    z=z, z_grad=grad, potential_energy=energy, rng_key=k_next
+                )
+                return hmc_state, u
+
+            def full_z(s):
+                return {**s[0].z, s_site: s[1]}
+
         state = jax.lax.fori_loop(0, nw, lambda _, s: sample_kernel(s), state)
 
         def collect(s, _):
             s = sample_kernel(s)
+            h = s if interweave is None else s[0]
             stats = (
-                s.diverging,
-                s.num_steps,
-                s.accept_prob,
-                s.energy,
-                s.potential_energy,
-                s.adapt_state.step_size,
+                h.diverging,
+                h.num_steps,
+                h.accept_prob,
+                h.energy,
+                h.potential_energy,
+                h.adapt_state.step_size,
             )
-            return s, (s.z, stats)
+            return s, (full_z(s), stats)
 
         _, (zs, stats) = jax.lax.scan(collect, state, None, length=ns)
         draws = jax.vmap(lambda z: constrain_fn(model, (), kw, z, return_deterministic=True))(zs)
@@ -1164,6 +1220,7 @@ def run_nuts_batched(
     init_strategy: Callable | None = None,
     vectorize: bool = True,
     devices: list[Any] | None = None,
+    interweave: Interweave | None = None,
 ) -> list[Posterior]:
     """NUTS for ``R`` data sets of the same model and shapes as one ``jax.vmap``-ed job.
 
@@ -1180,7 +1237,9 @@ def run_nuts_batched(
     host devices) the replicate axis is split over them with ``jax.shard_map``: each device runs
     its slice with its own loops, all at once, in one jitted job; ``R`` is padded to a multiple
     of the device count with copies of the last replicate, whose draws are discarded. The program is compiled once per
-    model, sampler settings and shapes (:func:`_batched_sampler`). Returns one
+    model, sampler settings and shapes (:func:`_batched_sampler`). ``interweave`` (an
+    :class:`pcbtl.interweave.Interweave`) samples the scale site by interweaved slice updates
+    between NUTS steps on the other sites (NUTS within Gibbs). Returns one
     :class:`pcbtl.inference.Posterior` per replicate.
     """
     from numpyro.infer.util import initialize_model
@@ -1229,6 +1288,7 @@ def run_nuts_batched(
         int(max_tree_depth),
         bool(vectorize),
         tuple(devices) if len(devices) > 1 else (),
+        interweave,
     )
     if len(devices) == 1:
         keys, z0, data = jax.device_put((keys, z0, data), devices[0])
@@ -1289,7 +1349,14 @@ def fit_replicates(
         return one_by_one()
     plans = [e._batch_plan(X, y) for e, (X, y) in zip(estimators, datasets, strict=True)]
     settings = {
-        (p.model, p.num_warmup, p.num_samples, p.target_accept_prob, p.max_tree_depth)
+        (
+            p.model,
+            p.num_warmup,
+            p.num_samples,
+            p.target_accept_prob,
+            p.max_tree_depth,
+            p.interweave,
+        )
         for p in plans
     }
     shapes = {
@@ -1311,6 +1378,7 @@ def fit_replicates(
         max_tree_depth=first.max_tree_depth,
         init_strategy=first.init_strategy,
         devices=devices,
+        interweave=first.interweave,
     )
     share = (time.perf_counter() - t0) / len(plans)
     for est, post, plan in zip(estimators, posts, plans, strict=True):

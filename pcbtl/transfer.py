@@ -23,6 +23,7 @@ from numpyro.infer import init_to_median, init_to_sample
 
 from pcbtl._validation import check_positive, check_probability, check_X, check_Xy
 from pcbtl.inference import BatchPlan, Posterior, run_nuts, run_svi, to_inference_data
+from pcbtl.interweave import Interweave
 from pcbtl.kl import default_tau_grid, distance_curve
 from pcbtl.models import (
     bnn_model,
@@ -236,7 +237,12 @@ class PCTransferRegressor(PosteriorRegressor):
         best when the target data are few and the posterior stays near the prior. ``"centred"``
         samples ``θ ~ N(θ_S, τ² diag(s²))`` itself: best when many target rows pin ``θ`` down
         (thousands of rows), where the non-centred ``ε`` is tied to ``τ`` by a funnel. Both
-        are the same prior (see :func:`pcbtl.models.scale_pc_model`).
+        are the same prior (see :func:`pcbtl.models.scale_pc_model`). ``"interweaved"``
+        takes ``τ`` out of NUTS: NUTS samples the centred weights and ``σ`` given ``τ``, and
+        ``τ`` gets a centred and a non-centred slice update per iteration (NUTS within Gibbs
+        with ancillarity–sufficiency interweaving, :mod:`pcbtl.interweave`); good at every
+        target size. Its chains run as one vmapped job (``chain_method`` and
+        ``progress_bar`` do not apply).
     max_tree_depth:
         NUTS tree-depth limit (at most ``2^depth − 1`` leapfrog steps per draw).
 
@@ -306,7 +312,9 @@ class PCTransferRegressor(PosteriorRegressor):
             raise ValueError(f"source must be a pcbtl.SourceModel, got {type(self.source)}")
         _check_choice(self.prior, PRIORS, "prior")
         _check_choice(self.inference, INFERENCES, "inference")
-        _check_choice(self.parametrization, ("noncentred", "centred"), "parametrization")
+        _check_choice(
+            self.parametrization, ("noncentred", "centred", "interweaved"), "parametrization"
+        )
         if isinstance(self.max_tree_depth, bool) or not isinstance(self.max_tree_depth, int):
             raise ValueError(f"max_tree_depth must be an int, got {self.max_tree_depth!r}")
         if not 1 <= self.max_tree_depth <= 15:
@@ -420,7 +428,32 @@ class PCTransferRegressor(PosteriorRegressor):
         setup = self._setup(X)
         model = self._model()
         kwargs = self._model_kwargs(setup, X, y)
-        if self.inference == "nuts":
+        if self.inference == "nuts" and self._interweave() is not None:
+            from pcbtl.methods import run_nuts_batched  # methods builds on this module
+
+            # chains as replicates of one vmapped job (NUTS within Gibbs has no MCMC object)
+            chains = run_nuts_batched(
+                model,
+                [kwargs] * self.num_chains,
+                num_warmup=self.num_warmup,
+                num_samples=self.num_samples,
+                seeds=[self.seed + 7919 * c for c in range(self.num_chains)],
+                target_accept_prob=self.target_accept_prob,
+                max_tree_depth=self.max_tree_depth,
+                init_strategy=init_to_median(num_samples=15),
+                interweave=self._interweave(),
+            )
+            posterior = Posterior(
+                samples={
+                    k: np.concatenate([c.samples[k] for c in chains]) for k in chains[0].samples
+                },
+                sample_stats={
+                    k: np.concatenate([c.sample_stats[k] for c in chains])
+                    for k in chains[0].sample_stats
+                },
+                method="nuts",
+            )
+        elif self.inference == "nuts":
             posterior = run_nuts(
                 model,
                 kwargs,
@@ -451,6 +484,11 @@ class PCTransferRegressor(PosteriorRegressor):
             return last_layer_pc_model
         return scale_pc_model if self.parametrization == "noncentred" else _scale_pc_model_centred
 
+    def _interweave(self) -> Interweave | None:
+        if self.prior == "scale" and self.parametrization == "interweaved":
+            return Interweave()
+        return None
+
     def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
         """The fit split for :func:`pcbtl.methods.fit_replicates`: model, arguments, completion."""
         self._check_params()
@@ -469,6 +507,7 @@ class PCTransferRegressor(PosteriorRegressor):
             max_tree_depth=self.max_tree_depth,
             init_strategy=init_to_median(num_samples=15),
             setup_seconds=time.perf_counter() - t0,
+            interweave=self._interweave(),
         )
 
     def _batchable(self) -> bool:

@@ -210,21 +210,27 @@ def test_target_only_bayesian_network(task):
     assert 0.8 <= _interval_coverage(bnn, task.X_test, task.y_test) <= 1.0
 
 
-def test_centred_and_noncentred_scale_models_agree(task, source):
-    # one prior written two ways: the posterior predictive means agree. With 250 draws the
-    # Monte Carlo error of each mean is ≲ 0.01 here (posterior sds ≲ 0.1); tolerance 0.05 RMS,
-    # against an RMS spread of the target labels of ~1
+def test_the_three_samplers_of_the_scale_model_agree(task, source):
+    # one prior written two ways and sampled three ways (joint NUTS non-centred and centred,
+    # NUTS within Gibbs with interweaved τ updates): the posterior predictive means agree. With
+    # 250 draws the Monte Carlo error of each mean is ≲ 0.01 here (posterior sds ≲ 0.1);
+    # tolerance 0.05 RMS, against an RMS spread of the target labels of ~1
     opts = dict(prior="scale", transfer_layers="last", max_reference=400, n_tau=24, n_eps=8)
+    kinds = ("noncentred", "centred", "interweaved")
     fits = {
-        p: pcbtl.PCTransferRegressor(source, parametrization=p, **opts, **FAST).fit(
-            task.X_target, task.y_target
-        )
-        for p in ("noncentred", "centred")
+        p: pcbtl.PCTransferRegressor(
+            source, parametrization=p, num_chains=2 if p == "interweaved" else 1, **opts, **FAST
+        ).fit(task.X_target, task.y_target)
+        for p in kinds
     }
     assert "theta" in fits["centred"].posterior_.samples
     assert "eps" in fits["noncentred"].posterior_.samples
-    a, b = (fits[p].predict(task.X_test) for p in ("noncentred", "centred"))
-    assert np.sqrt(np.mean((a - b) ** 2)) < 0.05
-    for est in fits.values():
+    means = {p: fits[p].predict(task.X_test) for p in kinds}
+    for p in ("centred", "interweaved"):
+        assert np.sqrt(np.mean((means[p] - means["noncentred"]) ** 2)) < 0.05
+    for p, est in fits.items():
         assert "theta" not in est.idata_.posterior and "eps" not in est.idata_.posterior
-        assert est.idata_.posterior["tau"].shape == (1, 250)
+        assert est.idata_.posterior["tau"].shape == ((2, 250) if p == "interweaved" else (1, 250))
+    # the two chains of the interweaved sampler are different chains
+    tau = fits["interweaved"].idata_.posterior["tau"].values
+    assert not np.allclose(tau[0], tau[1])
