@@ -1094,6 +1094,22 @@ def _batched_init(model: Callable[..., None], init_strategy: Callable) -> Callab
     return _INIT_CACHE[key]
 
 
+#: the progress bar of the batched job now running (host side; see ``_progress_tick``)
+_PROGRESS_BARS: list[Any] = []
+
+
+def _progress_tick(i: Any) -> None:
+    """Host callback of the batched sampler: move the open bar to iteration ``max(i) + 1``.
+
+    Under ``vmap`` and ``shard_map`` every replicate and device reports the same iteration, so
+    the bar follows the furthest report rather than counting calls."""
+    if _PROGRESS_BARS:
+        bar = _PROGRESS_BARS[-1]
+        done = int(np.max(np.asarray(i))) + 1
+        if done > bar.n:
+            bar.update(done - bar.n)
+
+
 @lru_cache(maxsize=64)
 def _batched_sampler(
     model: Callable[..., None],
@@ -1104,6 +1120,7 @@ def _batched_sampler(
     vectorize: bool = True,
     devices: tuple[Any, ...] = (),
     interweave: Interweave | None = None,
+    progress: bool = False,
 ) -> Callable:
     """The jitted, vmapped NUTS run for one model and sampler settings, built once.
 
@@ -1173,9 +1190,16 @@ def _batched_sampler(
             def full_z(s):
                 return {**s[0].z, s_site: s[1]}
 
-        state = jax.lax.fori_loop(0, nw, lambda _, s: sample_kernel(s), state)
+        def warm(i, s):
+            if progress:
+                jax.debug.callback(_progress_tick, i)
+            return sample_kernel(s)
 
-        def collect(s, _):
+        state = jax.lax.fori_loop(0, nw, warm, state)
+
+        def collect(s, i):
+            if progress:
+                jax.debug.callback(_progress_tick, nw + i)
             s = sample_kernel(s)
             h = s if interweave is None else s[0]
             stats = (
@@ -1188,7 +1212,7 @@ def _batched_sampler(
             )
             return s, (full_z(s), stats)
 
-        _, (zs, stats) = jax.lax.scan(collect, state, None, length=ns)
+        _, (zs, stats) = jax.lax.scan(collect, state, jnp.arange(ns))
         draws = jax.vmap(lambda z: constrain_fn(model, (), kw, z, return_deterministic=True))(zs)
         return draws, stats
 
@@ -1221,6 +1245,7 @@ def run_nuts_batched(
     vectorize: bool = True,
     devices: list[Any] | None = None,
     interweave: Interweave | None = None,
+    progress_bar: bool = False,
 ) -> list[Posterior]:
     """NUTS for ``R`` data sets of the same model and shapes as one ``jax.vmap``-ed job.
 
@@ -1239,7 +1264,8 @@ def run_nuts_batched(
     of the device count with copies of the last replicate, whose draws are discarded. The program is compiled once per
     model, sampler settings and shapes (:func:`_batched_sampler`). ``interweave`` (an
     :class:`pcbtl.interweave.Interweave`) samples the scale site by interweaved slice updates
-    between NUTS steps on the other sites (NUTS within Gibbs). Returns one
+    between NUTS steps on the other sites (NUTS within Gibbs). ``progress_bar`` shows one bar
+    over the iterations (host callbacks from the compiled loop). Returns one
     :class:`pcbtl.inference.Posterior` per replicate.
     """
     from numpyro.infer.util import initialize_model
@@ -1289,12 +1315,23 @@ def run_nuts_batched(
         bool(vectorize),
         tuple(devices) if len(devices) > 1 else (),
         interweave,
+        bool(progress_bar),
     )
     if len(devices) == 1:
         keys, z0, data = jax.device_put((keys, z0, data), devices[0])
     # one host transfer of the whole result (indexing a sharded device array per replicate
     # would dispatch one gather per replicate and site)
-    draws, stats = jax.device_get(sampler(keys, z0, data))
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        _PROGRESS_BARS.append(
+            tqdm(total=int(num_warmup) + int(num_samples), desc=f"NUTS, {R} chain(s) at once")
+        )
+    try:
+        draws, stats = jax.device_get(sampler(keys, z0, data))
+    finally:
+        if progress_bar:
+            _PROGRESS_BARS.pop().close()
     out = []
     for r in range(R):
         samples = {k: np.asarray(v[r])[None] for k, v in draws.items()}

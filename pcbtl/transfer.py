@@ -240,9 +240,8 @@ class PCTransferRegressor(PosteriorRegressor):
         are the same prior (see :func:`pcbtl.models.scale_pc_model`). ``"interweaved"``
         takes ``τ`` out of NUTS: NUTS samples the centred weights and ``σ`` given ``τ``, and
         ``τ`` gets a centred and a non-centred slice update per iteration (NUTS within Gibbs
-        with ancillarity–sufficiency interweaving, :mod:`pcbtl.interweave`); good at every
-        target size. Its chains run as one vmapped job (``chain_method`` and
-        ``progress_bar`` do not apply).
+        with ancillarity–sufficiency interweaving, :mod:`pcbtl.interweave`). Its chains run
+        as one vmapped job (``chain_method`` does not apply).
     max_tree_depth:
         NUTS tree-depth limit (at most ``2^depth − 1`` leapfrog steps per draw).
 
@@ -442,6 +441,7 @@ class PCTransferRegressor(PosteriorRegressor):
                 max_tree_depth=self.max_tree_depth,
                 init_strategy=init_to_median(num_samples=15),
                 interweave=self._interweave(),
+                progress_bar=self.progress_bar,
             )
             posterior = Posterior(
                 samples={

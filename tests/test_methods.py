@@ -305,3 +305,17 @@ def test_batched_replicates_are_sharded_over_several_devices():
     # sharding changes XLA's partitioning, hence float rounding, hence the NUTS paths: compare
     # posteriors, not draws. 200 draws: Monte Carlo error of a median of d is ~0.05; allow 0.25
     np.testing.assert_allclose(result["medians"], single, atol=0.25)
+
+
+def test_batched_sampler_progress_bar_follows_the_iterations(capsys):
+    # one bar over warm-up + kept iterations, moved by host callbacks from the compiled loop;
+    # it must end at the total and be closed (no bar left open for the next job)
+    from pcbtl.methods import _PROGRESS_BARS, run_nuts_batched
+
+    kws = _sharding_case()[:2]
+    run_nuts_batched(
+        pcbtl.models.last_layer_pc_model, kws, num_warmup=30, num_samples=20, progress_bar=True
+    )
+    err = capsys.readouterr().err
+    assert "50/50" in err and "NUTS, 2 chain(s) at once" in err
+    assert not _PROGRESS_BARS
