@@ -550,6 +550,7 @@ def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | N
     if seconds is not None:
         lines.append(f"Total run time {seconds / 60:.1f} min (over every resumed invocation).")
     lines += ["", "## Over all settings", "", headline_markdown(rows).rstrip("\n")]
+    lines += ["", "## RMSE (coverage95) by target size", "", grid_markdown(rows).rstrip("\n")]
     settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
     order = {m: i for i, m in enumerate(methods())}
     for c, delta, n_t in settings:
@@ -568,6 +569,44 @@ def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | N
             cells = [_pm(*s[m][:2], 3) for m in METRICS] + [f"{s['fit_seconds'][0]:.1f}"]
             lines.append(f"| {k[3]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def grid_markdown(rows: list[dict[str, Any]]) -> str:
+    """Mean test RMSE and, in brackets, mean 95% coverage: one table per ``(shift, n_T)``,
+    methods down, ``δ`` across, the best mean RMSE of each column in bold."""
+    summ = summarise(rows)
+    order = {m: i for i, m in enumerate(methods())}
+    blocks = sorted({(k[0], k[2]) for k in summ})
+    out = []
+    for c, n_t in blocks:
+        deltas = sorted({k[1] for k in summ if (k[0], k[2]) == (c, n_t)}, key=_delta_order)
+        names = sorted(
+            {k[3] for k in summ if (k[0], k[2]) == (c, n_t)}, key=lambda m: order.get(m, 99)
+        )
+        best = {
+            d: min(summ[(c, d, n_t, m)]["rmse"][0] for m in names if (c, d, n_t, m) in summ)
+            for d in deltas
+        }
+        shift = f", covariate shift {c:g}" if c else ""
+        out += [
+            f"**n_T = {n_t}{shift}**",
+            "",
+            "| method | " + " | ".join(f"δ = {d}" for d in deltas) + " |",
+        ]
+        out.append("|---|" + "---|" * len(deltas))
+        for m in names:
+            cells = []
+            for d in deltas:
+                s = summ.get((c, d, n_t, m))
+                if s is None:
+                    cells.append("—")
+                    continue
+                rmse = f"{s['rmse'][0]:.3f}"
+                rmse = f"**{rmse}**" if s["rmse"][0] == best[d] else rmse
+                cells.append(f"{rmse} ({s['coverage95'][0]:.2f})")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def headline_markdown(rows: list[dict[str, Any]]) -> str:

@@ -16,6 +16,7 @@ from pcbtl.study import (
     METRICS,
     QUICK,
     StudyConfig,
+    grid_markdown,
     mixture_crps,
     read_csv,
     replicate_seed,
@@ -58,6 +59,22 @@ def test_replicate_seeds_are_stable_and_distinct():
         replicate_seed(1, 0.5, 50, 0.0, 3),
     }
     assert a not in others and len(others) == 6
+
+
+def test_grid_table_marks_the_best_rmse_per_column():
+    def row(method, delta, rmse, cov):
+        return dict(covariate_shift=0.0, delta=delta, n_target=50, method=method, rmse=rmse,
+                    **{m: cov if m == "coverage95" else 0.0 for m in METRICS if m != "rmse"},
+                    fit_seconds=1.0)  # fmt: skip
+
+    rows = [row("pc-scale", "0", 0.20 + 0.01 * r, 0.95) for r in range(2)]
+    rows += [row("target-only", "0", 0.30, 0.9), row("target-only", "unrelated", 0.40, 0.93)]
+    text = grid_markdown(rows)
+    assert "**n_T = 50**" in text
+    assert "| method | δ = 0 | δ = unrelated |" in text
+    # means over replicates; the column minimum in bold; a method missing from a column: "—"
+    assert "| pc-scale | **0.205** (0.95) | — |" in text
+    assert "| target-only | 0.300 (0.90) | **0.400** (0.93) |" in text
 
 
 def test_config_validation():
