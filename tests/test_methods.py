@@ -248,8 +248,9 @@ def test_batching_covers_every_nuts_method_and_compiles_once(task, source):
         fit_replicates(ests, data[::-1])
         plan = ests[0]._batch_plan(*data[0])
         sampler = _batched_sampler(
-            plan.model, 100, 100, plan.target_accept_prob, plan.max_tree_depth, True, ()
-        )
+            plan.model, 100, 100, plan.target_accept_prob, plan.max_tree_depth, True, (),
+            plan.interweave, False,
+        )  # fmt: skip
         runs.append(sampler._cache_size())
     assert runs[0] == runs[1] >= 1  # the second batch added no compilation
     # replicates whose shapes differ cannot share a batch: fitted one by one instead
