@@ -753,6 +753,10 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             lw = 2.2 if m.startswith("pc-") else 1.0
             ax.errorbar(x, y, yerr=e, marker="o", ms=3, ls=style, lw=lw, color=cmap(i), label=m)
         ax.set_xscale("log")
+        # the target sizes themselves as ticks (log-scale minor labels would overlap)
+        sizes = sorted({k[2] for k in summ})
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_xlabel("target size n_T")
         ax.set_title(f"δ = {delta}", fontsize=10)
     axes[0][0].set_ylabel("test RMSE")
