@@ -25,3 +25,28 @@ def source(task):
 @pytest.fixture(scope="session")
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Free the compiled XLA programs after each test module.
+
+    Every compiled CPU program keeps its own memory mappings; the whole suite compiles
+    thousands of programs in one process, which reached the kernel's per-process limit on
+    mappings (``vm.max_map_count``, 65,530 here): thread creation and XLA's JIT linker then fail
+    ("can't start new thread", "Failed to materialize symbols"). A user's session compiles a
+    few models; the suite compiles every model of the package.
+    """
+    yield
+    import gc
+
+    import jax
+
+    from pcbtl.methods import _INIT_CACHE, _batched_sampler
+    from pcbtl.networks import _flat_apply
+
+    _batched_sampler.cache_clear()
+    _INIT_CACHE.clear()
+    _flat_apply.cache_clear()
+    jax.clear_caches()
+    gc.collect()
