@@ -20,6 +20,8 @@ from jax.flatten_util import ravel_pytree
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, autoguide
 from numpyro.infer.util import initialize_model
 
+from pcbtl.interweave import Interweave
+
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"\sArviZ is undergoing", category=FutureWarning)
     import arviz as az
@@ -78,7 +80,7 @@ class BatchPlan(NamedTuple):
     max_tree_depth: int
     init_strategy: Callable
     setup_seconds: float = 0.0
-    interweave: Any = None
+    interweave: Interweave | None = None
 
 
 def run_nuts(

@@ -1146,8 +1146,10 @@ def _batched_sampler(
                 z_init, nw, target_accept_prob=tap, max_tree_depth=depth, rng_key=key
             )
 
-            def sample_kernel(s):
-                return kernel(s)
+            sample_kernel = kernel
+
+            def hmc_state_of(s):
+                return s
 
             def full_z(s):
                 return s.z
@@ -1187,6 +1189,9 @@ def _batched_sampler(
                 )
                 return hmc_state, u
 
+            def hmc_state_of(s):
+                return s[0]
+
             def full_z(s):
                 return {**s[0].z, s_site: s[1]}
 
@@ -1201,7 +1206,7 @@ def _batched_sampler(
             if progress:
                 jax.debug.callback(_progress_tick, nw + i)
             s = sample_kernel(s)
-            h = s if interweave is None else s[0]
+            h = hmc_state_of(s)
             stats = (
                 h.diverging,
                 h.num_steps,

@@ -549,8 +549,8 @@ def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | N
         )
     if seconds is not None:
         lines.append(f"Total run time {seconds / 60:.1f} min (over every resumed invocation).")
-    lines += ["", "## Over all settings", "", headline_markdown(rows).rstrip("\n")]
-    lines += ["", "## RMSE (coverage95) by target size", "", grid_markdown(rows).rstrip("\n")]
+    lines += ["", "## Over all settings", "", _headline_markdown(summ).rstrip("\n")]
+    lines += ["", "## RMSE (coverage95) by target size", "", _grid_markdown(summ).rstrip("\n")]
     settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
     order = {m: i for i, m in enumerate(methods())}
     for c, delta, n_t in settings:
@@ -574,7 +574,10 @@ def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | N
 def grid_markdown(rows: list[dict[str, Any]]) -> str:
     """Mean test RMSE and, in brackets, mean 95% coverage: one table per ``(shift, n_T)``,
     methods down, ``δ`` across, the best mean RMSE of each column in bold."""
-    summ = summarise(rows)
+    return _grid_markdown(summarise(rows))
+
+
+def _grid_markdown(summ: dict[tuple, dict[str, tuple[float, float, int]]]) -> str:
     order = {m: i for i, m in enumerate(methods())}
     blocks = sorted({(k[0], k[2]) for k in summ})
     out = []
@@ -618,7 +621,10 @@ def headline_markdown(rows: list[dict[str, Any]]) -> str:
     the worst ratio of its mean RMSE to target-only's over the settings (``> 1``: negative
     transfer somewhere; ``—`` without target-only).
     """
-    summ = summarise(rows)
+    return _headline_markdown(summarise(rows))
+
+
+def _headline_markdown(summ: dict[tuple, dict[str, tuple[float, float, int]]]) -> str:
     settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
     names = [m for m in methods() if any(k[3] == m for k in summ)]
     ranks: dict[str, list[float]] = defaultdict(list)

@@ -427,7 +427,8 @@ class PCTransferRegressor(PosteriorRegressor):
         setup = self._setup(X)
         model = self._model()
         kwargs = self._model_kwargs(setup, X, y)
-        if self.inference == "nuts" and self._interweave() is not None:
+        interweave = self._interweave()
+        if self.inference == "nuts" and interweave is not None:
             from pcbtl.methods import run_nuts_batched  # methods builds on this module
 
             # chains as replicates of one vmapped job (NUTS within Gibbs has no MCMC object)
@@ -440,7 +441,7 @@ class PCTransferRegressor(PosteriorRegressor):
                 target_accept_prob=self.target_accept_prob,
                 max_tree_depth=self.max_tree_depth,
                 init_strategy=init_to_median(num_samples=15),
-                interweave=self._interweave(),
+                interweave=interweave,
                 progress_bar=self.progress_bar,
             )
             posterior = Posterior(
