@@ -74,6 +74,7 @@ __all__ = [
     "MultiTaskRegressor",
     "SourceOnlyRegressor",
     "bayes_last_layer_model",
+    "clear_caches",
     "fit_replicates",
     "make_method",
     "methods",
@@ -1092,6 +1093,27 @@ def _batched_init(model: Callable[..., None], init_strategy: Callable) -> Callab
 
         _INIT_CACHE[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
     return _INIT_CACHE[key]
+
+
+def clear_caches() -> None:
+    """Free every compiled sampler pcbtl holds, and JAX's own compilation caches.
+
+    pcbtl keeps one compiled batched NUTS program per model and sampler setting, one jitted
+    initialiser per model, and one network apply function per architecture, so that repeated
+    fits reuse them. Each compiled CPU program holds its own memory mappings; a long session
+    that fits many different architectures or settings (a notebook, a study over many
+    configurations) can call this between them to give the memory back. Later fits compile
+    again on first use; fitted estimators keep working.
+    """
+    import gc
+
+    from pcbtl.networks import _flat_apply
+
+    _batched_sampler.cache_clear()
+    _INIT_CACHE.clear()
+    _flat_apply.cache_clear()
+    jax.clear_caches()
+    gc.collect()
 
 
 #: the progress bar of the batched job now running (host side; see ``_progress_tick``)

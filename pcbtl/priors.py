@@ -184,6 +184,10 @@ class LastLayerPC(dist.Distribution):
 # --------------------------------------------------------------------------------------------
 
 
+class PriorDataConflictWarning(UserWarning):
+    """The posterior sits where the PC prior expected almost none of its mass."""
+
+
 class DistanceCurve(NamedTuple):
     r"""Grid values of ``r(τ) = sqrt(E_ε E_x (g(x; θ_S + τ s⊙ε) − g_S(x))²)``.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -39,7 +40,9 @@ from pcbtl.networks import (
     transfer_parametrization,
 )
 from pcbtl.priors import (
+    DistanceCurve,
     LastLayerPC,
+    PriorDataConflictWarning,
     ScalePC,
     check_distance_curve,
     distance_curve_value,
@@ -248,7 +251,8 @@ class PCTransferRegressor(PosteriorRegressor):
     Fitted attributes: ``idata_``, ``posterior_``, ``distance_``, ``rate_``, ``reference_size_``,
     ``num_divergences_``, ``fit_seconds_`` (of which ``prior_seconds_`` built the prior: the
     reference Gram matrix, or the Monte Carlo ``r(τ)``), and ``ridge_`` (last layer) or
-    ``curve_`` (scale).
+    ``curve_`` and ``tau_beyond_curve_`` (scale: the share of the ``τ`` draws beyond the grid of
+    ``r(τ)``; above 5 % a :class:`pcbtl.priors.PriorDataConflictWarning` says so).
     """
 
     def __init__(
@@ -542,6 +546,7 @@ class PCTransferRegressor(PosteriorRegressor):
         else:
             self.curve_ = setup["curve"]
             self.transfer_layers_ = setup["tp"].layers
+            self.tau_beyond_curve_ = _warn_beyond_curve(posterior.flat("tau"), setup["curve"])
         self.fit_seconds_ = seconds
         return self
 
@@ -595,6 +600,30 @@ class PCTransferRegressor(PosteriorRegressor):
         prior = ScalePC(setup["curve"], sigma, rate)
         tau = prior.sample(k_theta)
         return np.asarray(distance_curve_value(setup["curve"], tau) / sigma)
+
+
+def _warn_beyond_curve(tau: np.ndarray, curve: DistanceCurve, limit: float = 0.05) -> float:
+    """Share of the draws of ``τ`` beyond the Monte Carlo grid of ``r(τ)``; warn above ``limit``.
+
+    The grid reaches the prior's 0.999 quantile of ``d`` at ``σ = 2·sigma_scale``
+    (:func:`_fit_distance_curve`), so a prior puts less than 0.1 % of its mass there. Beyond it,
+    ``r̂`` is the linear extension of the last grid interval, not a Monte Carlo estimate; a
+    posterior out there means the data put the target much further from the source than
+    ``(U, α)`` said, and the reported distances rest on the extension.
+    """
+    t_max = float(curve.tau[-1])
+    share = float(np.mean(np.asarray(tau) > t_max))
+    if share > limit:
+        warnings.warn(
+            f"{share:.0%} of the posterior draws of tau lie beyond the Monte Carlo grid of r(tau) "
+            f"(tau > {t_max:.3g}; the PC prior put < 0.1 % of its mass there): the data place the "
+            "target much further from the source than the prior statement P(d > U) = alpha "
+            "expected, and r(tau) there is a linear extension. Check that the source is relevant, "
+            "or state a larger U (or set U_log_sd).",
+            PriorDataConflictWarning,
+            stacklevel=3,
+        )
+    return share
 
 
 def _with_bias(features: np.ndarray) -> np.ndarray:

@@ -38,15 +38,4 @@ def _release_compiled_programs():
     few models; the suite compiles every model of the package.
     """
     yield
-    import gc
-
-    import jax
-
-    from pcbtl.methods import _INIT_CACHE, _batched_sampler
-    from pcbtl.networks import _flat_apply
-
-    _batched_sampler.cache_clear()
-    _INIT_CACHE.clear()
-    _flat_apply.cache_clear()
-    jax.clear_caches()
-    gc.collect()
+    pcbtl.clear_caches()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import numpy as np
@@ -320,3 +321,18 @@ def test_batched_sampler_progress_bar_follows_the_iterations(capsys):
     err = capsys.readouterr().err
     assert "50/50" in err and "NUTS, 2 chain(s) at once" in err
     assert not _PROGRESS_BARS
+
+
+def test_clear_caches_frees_the_compiled_samplers_and_fits_still_work():
+    from pcbtl.methods import _INIT_CACHE, _batched_sampler, run_nuts_batched
+
+    kws = _sharding_case()[:2]
+    run = partial(run_nuts_batched, pcbtl.models.last_layer_pc_model, kws, num_warmup=20)
+    first = run(num_samples=10)
+    assert _batched_sampler.cache_info().currsize >= 1 and len(_INIT_CACHE) >= 1
+    pcbtl.clear_caches()
+    assert _batched_sampler.cache_info().currsize == 0 and not _INIT_CACHE
+    # recompiled on demand, and the same seeds give the same draws
+    again = run(num_samples=10)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_allclose(a.samples["distance"], b.samples["distance"], rtol=1e-5)

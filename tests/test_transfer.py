@@ -234,3 +234,20 @@ def test_the_three_samplers_of_the_scale_model_agree(task, source):
     # the two chains of the interweaved sampler are different chains
     tau = fits["interweaved"].idata_.posterior["tau"].values
     assert not np.allclose(tau[0], tau[1])
+
+
+def test_a_target_far_beyond_the_prior_raises_the_conflict_warning(task, source):
+    # the grid of r(τ) ends beyond the prior's 0.999 quantile of d (r ≈ 9 label sds here); labels
+    # moved by 10 times that distance put τ far past it (the ε of the output bias can take up
+    # a few prior sds, not 10× the grid); the unshifted target (the simulation's shift 2) stays
+    # inside
+    from pcbtl.priors import PriorDataConflictWarning
+
+    opts = dict(prior="scale", transfer_layers="last", max_reference=400, n_tau=24, n_eps=8)
+    near = pcbtl.PCTransferRegressor(source, **opts, **FAST).fit(task.X_target, task.y_target)
+    assert near.tau_beyond_curve_ <= 0.05
+    far = pcbtl.PCTransferRegressor(source, **opts, **FAST)
+    with pytest.warns(PriorDataConflictWarning, match="beyond the Monte Carlo grid"):
+        far.fit(task.X_target, task.y_target + 10 * float(near.curve_.r[-1]))
+    assert far.tau_beyond_curve_ > 0.5
+    assert np.all(far.posterior_.flat("tau") > 0)
