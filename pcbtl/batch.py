@@ -87,6 +87,8 @@ RESULT_COLUMNS = (
     "crps",
     "divergences",
     "num_draws",
+    "min_bulk_ess",
+    "max_rhat",
     "fit_seconds",
     "batched",
     "device",
@@ -492,6 +494,16 @@ def _num_draws(est: Any) -> int:
     return int(np.prod(post.samples["sigma"].shape[:2]))
 
 
+def _sampler_health(est: Any) -> dict[str, float]:
+    """Smallest bulk ESS and largest split R-hat of a NUTS fit's scalar parameters (else NaN)."""
+    nan = {"min_bulk_ess": float("nan"), "max_rhat": float("nan")}
+    try:
+        diag = est.sampler_diagnostics_
+    except (AttributeError, RuntimeError, ValueError):
+        return nan
+    return {k: float(diag.get(k, v)) for k, v in nan.items()}
+
+
 def _nonfinite_sites(est: Any) -> list[str]:
     post = getattr(est, "posterior_", None)
     if post is None:
@@ -528,7 +540,8 @@ def _finish(
     """Decide ok/failed, score, write ``fits/<id>.nc`` then ``fits/<id>.json``; return the row."""
     from pcbtl.study import METRICS, score
 
-    metrics = dict.fromkeys(METRICS, float("nan"))
+    nan = float("nan")
+    metrics = dict.fromkeys(METRICS, nan)
     reason = error
     divergences = int(getattr(est, "num_divergences_", 0) or 0)
     draws = _num_draws(est)
@@ -568,6 +581,7 @@ def _finish(
         **metrics,
         "divergences": divergences,
         "num_draws": draws,
+        **(_sampler_health(est) if not error else {"min_bulk_ess": nan, "max_rhat": nan}),
         "fit_seconds": float(seconds),
         "batched": bool(batched),
         "device": device,

@@ -23,7 +23,15 @@ from jax.scipy.special import ndtr
 from numpyro.infer import init_to_median, init_to_sample
 
 from pcbtl._validation import check_positive, check_probability, check_X, check_Xy
-from pcbtl.inference import BatchPlan, Posterior, run_nuts, run_svi, to_inference_data
+from pcbtl.inference import (
+    BatchPlan,
+    Posterior,
+    check_sampler,
+    run_nuts,
+    run_svi,
+    sampler_diagnostics,
+    to_inference_data,
+)
 from pcbtl.interweave import Interweave
 from pcbtl.kl import default_tau_grid, distance_curve
 from pcbtl.models import (
@@ -96,6 +104,14 @@ class PosteriorRegressor:
         return self._posterior_means_from(self.posterior_, X, self._state)
 
     @property
+    def sampler_diagnostics_(self) -> dict[str, Any]:
+        """NUTS health of the fit (:func:`pcbtl.inference.sampler_diagnostics`); ``{}`` for SVI."""
+        self._check_fitted()
+        if self.posterior_.method != "nuts":
+            return {}
+        return sampler_diagnostics(self.posterior_, getattr(self, "max_tree_depth", None))
+
+    @property
     def sigma_draws_(self) -> np.ndarray:
         self._check_fitted()
         return self.posterior_.flat("sigma")
@@ -141,6 +157,7 @@ class PosteriorRegressor:
         hold float64 ``(S, n)`` temporaries: ``log N(y_i | g_s(x_i), σ_s²)`` and one predictive
         draw per posterior draw and row.
         """
+        check_sampler(posterior, getattr(self, "max_tree_depth", None), stacklevel=4)
         chains, draws = posterior.samples["sigma"].shape[:2]
         sig = posterior.flat("sigma").astype(np.float64)
         n = X.shape[0]

@@ -164,7 +164,9 @@ def test_job_killed_part_way_resumes_without_redoing_or_losing(tmp_path):
     for f, t in stamps.items():  # nothing rewritten
         assert (cfg.out / "fits" / f"{f}.nc").stat().st_mtime_ns == t
     assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert all(r["min_bulk_ess"] > 0 and r["max_rhat"] > 0.5 for r in rows.values()), rows
     table = (cfg.out / "results.csv").read_text().splitlines()
+    assert "min_bulk_ess,max_rhat" in table[0]
     assert len(table) == 1 + len(all_ids)
     assert sum(r["batched"] for r in rows.values()) >= 2  # the first group ran vmapped
 
