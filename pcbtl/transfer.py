@@ -623,7 +623,9 @@ def _warn_beyond_curve(tau: np.ndarray, curve: DistanceCurve, limit: float = 0.0
     """Share of the draws of ``τ`` beyond the Monte Carlo grid of ``r(τ)``; warn above ``limit``.
 
     The grid reaches the prior's 0.999 quantile of ``d`` at ``σ = 2·sigma_scale``
-    (:func:`_fit_distance_curve`), so a prior puts less than 0.1 % of its mass there. Beyond it,
+    (:func:`_fit_distance_curve`); marginally over ``σ ~ HalfNormal(sigma_scale)`` the prior
+    puts ``E[exp(−13.8 sigma_scale/σ)] ≈ 2·10⁻⁴`` of its mass beyond (fixed ``U``; less with
+    ``U_log_sd``, whose grid reaches further), under the 0.1 % the warning quotes. Beyond it,
     ``r̂`` is the linear extension of the last grid interval, not a Monte Carlo estimate; a
     posterior out there means the data put the target much further from the source than
     ``(U, α)`` said, and the reported distances rest on the extension.
