@@ -495,7 +495,8 @@ def _num_draws(est: Any) -> int:
 
 
 def _sampler_health(est: Any) -> dict[str, float]:
-    """Smallest bulk ESS and largest split R-hat of a NUTS fit's scalar parameters (else NaN)."""
+    """Smallest bulk ESS and largest split R-hat of a NUTS fit's scalar parameters; NaN for an
+    estimator without NUTS draws (``None`` for a fit that raised)."""
     nan = {"min_bulk_ess": float("nan"), "max_rhat": float("nan")}
     try:
         diag = est.sampler_diagnostics_
@@ -540,8 +541,7 @@ def _finish(
     """Decide ok/failed, score, write ``fits/<id>.nc`` then ``fits/<id>.json``; return the row."""
     from pcbtl.study import METRICS, score
 
-    nan = float("nan")
-    metrics = dict.fromkeys(METRICS, nan)
+    metrics = dict.fromkeys(METRICS, float("nan"))
     reason = error
     divergences = int(getattr(est, "num_divergences_", 0) or 0)
     draws = _num_draws(est)
@@ -581,7 +581,7 @@ def _finish(
         **metrics,
         "divergences": divergences,
         "num_draws": draws,
-        **(_sampler_health(est) if not error else {"min_bulk_ess": nan, "max_rhat": nan}),
+        **_sampler_health(None if error else est),
         "fit_seconds": float(seconds),
         "batched": bool(batched),
         "device": device,

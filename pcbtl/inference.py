@@ -196,8 +196,8 @@ def sampler_diagnostics(posterior: Posterior, max_tree_depth: int | None = None)
         else float("nan")
     )
     if not scalars or draws < 4:
-        out.update(min_bulk_ess=float("nan"), min_tail_ess=float("nan"), worst=None)
-        out["max_rhat"] = float("nan")
+        nan = float("nan")
+        out.update(min_bulk_ess=nan, min_tail_ess=nan, worst=None, max_rhat=nan)
         return out
     if chains == 1:  # ArviZ wants two chains: give it the two halves (its estimators split anyway)
         half = draws // 2
