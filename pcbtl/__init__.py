@@ -9,8 +9,15 @@ are public for users who build their own samplers.
 
 from pcbtl import kl, models, priors
 from pcbtl.hurdle import HurdleRegressor
-from pcbtl.inference import Posterior, make_log_density, run_nuts, run_svi, to_inference_data
-from pcbtl.methods import clear_caches, make_method, methods
+from pcbtl.inference import (
+    Posterior,
+    clear_caches,
+    make_log_density,
+    run_nuts,
+    run_svi,
+    to_inference_data,
+)
+from pcbtl.methods import make_method, methods
 from pcbtl.networks import SourceModel, train_source, transfer_parametrization
 from pcbtl.priors import LastLayerPC, ScalePC, pc_rate
 from pcbtl.simulation import make_synthetic_task

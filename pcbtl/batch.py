@@ -56,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from pcbtl.transfer import HEALTH_COLUMNS, sampler_health
+
 __all__ = [
     "FitSpec",
     "JobConfig",
@@ -87,8 +89,7 @@ RESULT_COLUMNS = (
     "crps",
     "divergences",
     "num_draws",
-    "min_bulk_ess",
-    "max_rhat",
+    *HEALTH_COLUMNS,
     "fit_seconds",
     "batched",
     "device",
@@ -494,17 +495,6 @@ def _num_draws(est: Any) -> int:
     return int(np.prod(post.samples["sigma"].shape[:2]))
 
 
-def _sampler_health(est: Any) -> dict[str, float]:
-    """Smallest bulk ESS and largest split R-hat of a NUTS fit's scalar parameters; NaN for an
-    estimator without NUTS draws (``None`` for a fit that raised)."""
-    nan = {"min_bulk_ess": float("nan"), "max_rhat": float("nan")}
-    try:
-        diag = est.sampler_diagnostics_
-    except (AttributeError, RuntimeError, ValueError):
-        return nan
-    return {k: float(diag.get(k, v)) for k, v in nan.items()}
-
-
 def _nonfinite_sites(est: Any) -> list[str]:
     post = getattr(est, "posterior_", None)
     if post is None:
@@ -581,7 +571,7 @@ def _finish(
         **metrics,
         "divergences": divergences,
         "num_draws": draws,
-        **_sampler_health(None if error else est),
+        **sampler_health(None if error else est),
         "fit_seconds": float(seconds),
         "batched": bool(batched),
         "device": device,

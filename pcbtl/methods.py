@@ -39,7 +39,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any
 
 import jax
@@ -52,8 +52,14 @@ from numpyro.infer import init_to_median, init_to_sample
 from scipy.stats import norm
 
 from pcbtl._validation import check_positive, check_probability, check_X, check_Xy, check_y
-from pcbtl.inference import BatchPlan, Posterior, run_nuts
-from pcbtl.interweave import Interweave, conditional_potentials, interweave_scale
+from pcbtl.inference import (
+    BatchPlan,
+    Posterior,
+    clear_caches,
+    plan_key,
+    run_nuts_batched,
+    run_plans,
+)
 from pcbtl.models import gaussian_loglik_suffstats, last_layer_sufficient_stats
 from pcbtl.networks import MLP, SourceModel, transfer_parametrization
 from pcbtl.transfer import (
@@ -414,7 +420,8 @@ class BayesianLastLayerRegressor(PosteriorRegressor):
         sigma_scale: float | None = None,
         num_warmup: int = 500,
         num_samples: int = 500,
-        num_chains: int = 1,
+        num_chains: int = 4,
+        chain_method: str = "auto",
         seed: int = 0,
         progress_bar: bool = False,
     ) -> None:
@@ -424,6 +431,7 @@ class BayesianLastLayerRegressor(PosteriorRegressor):
         self.num_warmup = num_warmup
         self.num_samples = num_samples
         self.num_chains = num_chains
+        self.chain_method = chain_method
         self.seed = seed
         self.progress_bar = progress_bar
 
@@ -447,38 +455,19 @@ class BayesianLastLayerRegressor(PosteriorRegressor):
         return X, y, kwargs
 
     def fit(self, X: Any, y: Any) -> BayesianLastLayerRegressor:
-        t0 = time.perf_counter()
-        X, y, kwargs = self._prepare(X, y)
-        posterior = run_nuts(
-            bayes_last_layer_model,
-            kwargs,
-            num_warmup=self.num_warmup,
-            num_samples=self.num_samples,
-            num_chains=self.num_chains,
-            seed=self.seed,
-            init_strategy=init_to_median(num_samples=15),
-            progress_bar=self.progress_bar,
-        )
-        return self._complete(posterior, X, y, time.perf_counter() - t0)
+        """Sample ``(σ, τ, β)`` given ``(X, y)`` (``num_chains`` NUTS chains in one job)."""
+        return self._fit_nuts(X, y)
 
     def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
         t0 = time.perf_counter()
         X, y, kwargs = self._prepare(X, y)
-        return BatchPlan(
-            model=bayes_last_layer_model,
-            kwargs=kwargs,
-            complete=partial(self._complete, X=X, y=y),
-            num_warmup=self.num_warmup,
-            num_samples=self.num_samples,
-            seed=self.seed,
-            target_accept_prob=0.8,
-            max_tree_depth=10,
+        return self._plan(
+            bayes_last_layer_model,
+            kwargs,
+            partial(self._complete, X=X, y=y),
             init_strategy=init_to_median(num_samples=15),
-            setup_seconds=time.perf_counter() - t0,
+            t0=t0,
         )
-
-    def _batchable(self) -> bool:
-        return self.num_chains == 1
 
     def _complete(self, posterior: Posterior, X, y, seconds: float):
         if not np.all(np.isfinite(posterior.samples["sigma"])):
@@ -567,6 +556,8 @@ class MultiTaskRegressor(PosteriorRegressor):
         prior_scale: float = 1.0,
         num_warmup: int = 500,
         num_samples: int = 500,
+        num_chains: int = 4,
+        chain_method: str = "auto",
         max_tree_depth: int = 8,
         n_estimators: int = 200,
         min_samples_leaf: int = 2,
@@ -583,6 +574,8 @@ class MultiTaskRegressor(PosteriorRegressor):
         self.prior_scale = prior_scale
         self.num_warmup = num_warmup
         self.num_samples = num_samples
+        self.num_chains = num_chains
+        self.chain_method = chain_method
         self.max_tree_depth = max_tree_depth
         self.n_estimators = n_estimators
         self.min_samples_leaf = min_samples_leaf
@@ -641,16 +634,7 @@ class MultiTaskRegressor(PosteriorRegressor):
             )
         else:
             plan = self._bnn_plan(Xa, ya, task, t0)
-            posterior = run_nuts(
-                plan.model,
-                plan.kwargs,
-                num_warmup=self.num_warmup,
-                num_samples=self.num_samples,
-                seed=self.seed,
-                max_tree_depth=self.max_tree_depth,
-                init_strategy=plan.init_strategy,
-                progress_bar=self.progress_bar,
-            )
+            posterior = run_plans([plan], progress_bar=self.progress_bar)[0]
             return plan.complete(posterior, seconds=time.perf_counter() - t0)
         self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - t0
@@ -688,17 +672,8 @@ class MultiTaskRegressor(PosteriorRegressor):
             self.fit_seconds_ = seconds
             return self
 
-        return BatchPlan(
-            model=multitask_bnn_model,
-            kwargs=kwargs,
-            complete=complete,
-            num_warmup=self.num_warmup,
-            num_samples=self.num_samples,
-            seed=self.seed,
-            target_accept_prob=0.8,
-            max_tree_depth=self.max_tree_depth,
-            init_strategy=init_to_sample(),
-            setup_seconds=time.perf_counter() - t0,
+        return self._plan(
+            multitask_bnn_model, kwargs, complete, init_strategy=init_to_sample(), t0=t0
         )
 
     def _posterior_means_from(self, posterior, X, tp):
@@ -786,6 +761,8 @@ class _TwoStage(GaussianPredictive):
         prior_scale: float = 1.0,
         num_warmup: int = 500,
         num_samples: int = 500,
+        num_chains: int = 4,
+        chain_method: str = "auto",
         max_tree_depth: int = 8,
         n_estimators: int = 200,
         min_samples_leaf: int = 2,
@@ -802,6 +779,8 @@ class _TwoStage(GaussianPredictive):
         self.prior_scale = prior_scale
         self.num_warmup = num_warmup
         self.num_samples = num_samples
+        self.num_chains = num_chains
+        self.chain_method = chain_method
         self.max_tree_depth = max_tree_depth
         self.n_estimators = n_estimators
         self.min_samples_leaf = min_samples_leaf
@@ -875,6 +854,8 @@ class _TwoStage(GaussianPredictive):
             prior_scale=self.prior_scale,
             num_warmup=self.num_warmup,
             num_samples=self.num_samples,
+            num_chains=self.num_chains,
+            chain_method=self.chain_method,
             max_tree_depth=self.max_tree_depth,
             seed=self.seed,
             progress_bar=self.progress_bar,
@@ -1066,321 +1047,15 @@ def make_method(name: str, source: SourceModel, **options: Any):
 
 
 # --------------------------------------------------------------------------------------------
-# replicates of one setting as one vmapped NUTS job
+# replicates of one setting as one compiled NUTS job
 # --------------------------------------------------------------------------------------------
-
-
-_INIT_CACHE: dict[tuple[Any, str], Callable] = {}
-
-
-def _batched_init(model: Callable[..., None], init_strategy: Callable) -> Callable:
-    """Jitted, vmapped initial points (unconstrained) for stacked replicate data: one
-    compilation per model and strategy (``repr`` of the strategy: its function and arguments)
-    instead of one per replicate."""
-    from numpyro.infer.util import find_valid_initial_params
-
-    key = (model, repr(init_strategy))
-    if key not in _INIT_CACHE:
-
-        def one(rng_key, kw, prototype):
-            return find_valid_initial_params(
-                rng_key,
-                model,
-                init_strategy=init_strategy,
-                model_kwargs=kw,
-                prototype_params=prototype,
-            )
-
-        _INIT_CACHE[key] = jax.jit(jax.vmap(one, in_axes=(0, 0, None)))
-    return _INIT_CACHE[key]
-
-
-def clear_caches() -> None:
-    """Free every compiled sampler pcbtl holds, and JAX's own compilation caches.
-
-    pcbtl keeps one compiled batched NUTS program per model and sampler setting, one jitted
-    initialiser per model, and one network apply function per architecture, so that repeated
-    fits reuse them. Each compiled CPU program holds its own memory mappings; a long session
-    that fits many different architectures or settings (a notebook, a study over many
-    configurations) can call this between them to give the memory back. Later fits compile
-    again on first use; fitted estimators keep working.
-    """
-    import gc
-
-    from pcbtl.networks import _flat_apply
-
-    _batched_sampler.cache_clear()
-    _INIT_CACHE.clear()
-    _flat_apply.cache_clear()
-    jax.clear_caches()
-    gc.collect()
-
-
-#: the progress bar of the batched job now running (host side; see ``_progress_tick``)
-_PROGRESS_BARS: list[Any] = []
-
-
-def _progress_tick(i: Any) -> None:
-    """Host callback of the batched sampler: move the open bar to iteration ``max(i) + 1``.
-
-    Under ``vmap`` and ``shard_map`` every replicate and device reports the same iteration, so
-    the bar follows the furthest report rather than counting calls."""
-    if _PROGRESS_BARS:
-        bar = _PROGRESS_BARS[-1]
-        done = int(np.max(np.asarray(i))) + 1
-        if done > bar.n:
-            bar.update(done - bar.n)
-
-
-@lru_cache(maxsize=64)
-def _batched_sampler(
-    model: Callable[..., None],
-    nw: int,
-    ns: int,
-    tap: float,
-    depth: int,
-    vectorize: bool = True,
-    devices: tuple[Any, ...] = (),
-    interweave: Interweave | None = None,
-    progress: bool = False,
-) -> Callable:
-    """The jitted, vmapped NUTS run for one model and sampler settings, built once.
-
-    The data are arguments, never constants, so the program is compiled once per model,
-    settings and data shapes and reused by every later batch of the same shapes (a study's
-    replicates of every setting with the same target size share one compilation).
-
-    With ``interweave`` the scale site is taken out of NUTS: each iteration is NUTS on the
-    other sites given ``τ``, then the two interweaved slice updates of ``τ``
-    (:mod:`pcbtl.interweave`).
-    """
-    from numpyro.infer.hmc import hmc
-    from numpyro.infer.util import constrain_fn, potential_energy
-
-    def one(key, z_init, kw):
-        if interweave is None:
-
-            def pe(z):
-                return potential_energy(model, (), kw, z)
-
-            init_kernel, kernel = hmc(pe, algo="NUTS")
-            state = init_kernel(
-                z_init, nw, target_accept_prob=tap, max_tree_depth=depth, rng_key=key
-            )
-
-            sample_kernel = kernel
-
-            def hmc_state_of(s):
-                return s
-
-            def full_z(s):
-                return s.z
-
-        else:
-            s_site = interweave.scale_site
-            full_pe, prior_pe = conditional_potentials(model, kw, interweave)
-            loc, scl = kw[interweave.loc_arg], kw[interweave.scale_arg]
-
-            def pe_given(u):
-                return lambda z: full_pe({**z, s_site: u})
-
-            init_kernel, kernel = hmc(potential_fn_gen=pe_given, algo="NUTS")
-            rest = {k: v for k, v in z_init.items() if k != s_site}
-            state = (
-                init_kernel(
-                    rest,
-                    nw,
-                    target_accept_prob=tap,
-                    max_tree_depth=depth,
-                    rng_key=key,
-                    model_args=(z_init[s_site],),
-                ),
-                z_init[s_site],
-            )
-
-            def sample_kernel(s):
-                hmc_state, u = s
-                hmc_state = kernel(hmc_state, model_args=(u,))
-                k_next, k_move = jax.random.split(hmc_state.rng_key)
-                u, z = interweave_scale(
-                    k_move, u, hmc_state.z, full_pe, prior_pe, loc, scl, interweave
-                )
-                energy, grad = jax.value_and_grad(pe_given(u))(z)
-                hmc_state = hmc_state._replace(
-                    z=z, z_grad=grad, potential_energy=energy, rng_key=k_next
-                )
-                return hmc_state, u
-
-            def hmc_state_of(s):
-                return s[0]
-
-            def full_z(s):
-                return {**s[0].z, s_site: s[1]}
-
-        def warm(i, s):
-            if progress:
-                jax.debug.callback(_progress_tick, i)
-            return sample_kernel(s)
-
-        state = jax.lax.fori_loop(0, nw, warm, state)
-
-        def collect(s, i):
-            if progress:
-                jax.debug.callback(_progress_tick, nw + i)
-            s = sample_kernel(s)
-            h = hmc_state_of(s)
-            stats = (
-                h.diverging,
-                h.num_steps,
-                h.accept_prob,
-                h.energy,
-                h.potential_energy,
-                h.adapt_state.step_size,
-            )
-            return s, (full_z(s), stats)
-
-        _, (zs, stats) = jax.lax.scan(collect, state, jnp.arange(ns))
-        draws = jax.vmap(lambda z: constrain_fn(model, (), kw, z, return_deterministic=True))(zs)
-        return draws, stats
-
-    if vectorize:
-        batch = jax.vmap(one)
-    else:
-        batch = lambda keys, z0, data: jax.lax.map(lambda a: one(*a), (keys, z0, data))  # noqa: E731
-    if len(devices) > 1:
-        # each device runs its own slice of the replicates with its own loops (shard_map): no
-        # cross-device reduction inside the NUTS while-loops, so devices never wait on each
-        # other (a plain sharded vmap would synchronise every tree-building step)
-        from jax.sharding import Mesh
-        from jax.sharding import PartitionSpec as P
-
-        mesh = Mesh(np.array(devices), ("r",))
-        batch = jax.shard_map(batch, mesh=mesh, in_specs=P("r"), out_specs=P("r"), check_vma=False)
-    return jax.jit(batch)
-
-
-def run_nuts_batched(
-    model: Callable[..., None],
-    kwargs_list: list[dict[str, Any]],
-    *,
-    num_warmup: int = 500,
-    num_samples: int = 500,
-    seeds: list[int] | None = None,
-    target_accept_prob: float = 0.8,
-    max_tree_depth: int = 10,
-    init_strategy: Callable | None = None,
-    vectorize: bool = True,
-    devices: list[Any] | None = None,
-    interweave: Interweave | None = None,
-    progress_bar: bool = False,
-) -> list[Posterior]:
-    """NUTS for ``R`` data sets of the same model and shapes as one ``jax.vmap``-ed job.
-
-    ``kwargs_list[r]`` are the model's keyword arguments for replicate ``r``; all must hold
-    arrays (or floats) of the same shapes. Each replicate gets its own initial point (from
-    ``init_strategy``, default ``init_to_median(num_samples=15)``), its own key (``seeds``),
-    and its own step-size and diagonal mass-matrix adaptation (NumPyro's functional
-    ``numpyro.infer.hmc.hmc`` kernel; windowed adaptation as in ``MCMC``), so each is exactly
-    the single-replicate sampler — only batched. Under ``vmap`` every NUTS tree runs until the
-    deepest tree of the batch finishes (masked), so the batch costs the longest replicate per
-    step; one chain per replicate. ``vectorize=False`` runs the replicates one after another
-    inside the same compiled program (``lax.map``): no waiting for the deepest tree, no
-    vectorization. With several devices (``devices``, default all local devices: GPUs, or CPU
-    host devices) the replicate axis is split over them with ``jax.shard_map``: each device runs
-    its slice with its own loops, all at once, in one jitted job; ``R`` is padded to a multiple
-    of the device count with copies of the last replicate, whose draws are discarded. The program is compiled once per
-    model, sampler settings and shapes (:func:`_batched_sampler`). ``interweave`` (an
-    :class:`pcbtl.interweave.Interweave`) samples the scale site by interweaved slice updates
-    between NUTS steps on the other sites (NUTS within Gibbs). ``progress_bar`` shows one bar
-    over the iterations (host callbacks from the compiled loop). Returns one
-    :class:`pcbtl.inference.Posterior` per replicate.
-    """
-    from numpyro.infer.util import initialize_model
-
-    R = len(kwargs_list)
-    if R < 1:
-        raise ValueError("kwargs_list must hold at least one replicate")
-    seeds = list(range(R)) if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != R:
-        raise ValueError(f"seeds has {len(seeds)} entries for {R} replicates")
-    init_strategy = init_strategy or init_to_median(num_samples=15)
-    as_arrays = [
-        jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), kw) for kw in kwargs_list
-    ]
-    try:
-        data = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *as_arrays)
-    except ValueError as exc:
-        raise ValueError(
-            f"the replicates' model arguments differ in structure or shape, so they cannot be "
-            f"stacked into one batch: {exc}"
-        ) from exc
-    init_keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    # the unconstrained parameter structure, from the first replicate (one un-jitted trace)
-    prototype = initialize_model(
-        init_keys[0], model, model_kwargs=kwargs_list[0], init_strategy=init_strategy
-    ).param_info.z
-    (z0, _, _), valid = _batched_init(model, init_strategy)(init_keys, data, prototype)
-    if not bool(np.all(np.asarray(valid))):
-        bad = [r for r, ok in enumerate(np.asarray(valid)) if not ok]
-        raise RuntimeError(
-            f"no valid initial point (finite log density and gradient) for replicate(s) {bad}"
-        )
-    keys = jnp.stack([jax.random.PRNGKey(s + 1) for s in seeds])
-    devices = list(devices) if devices is not None else jax.local_devices()
-    if len(devices) > 1:
-        pad = (-R) % len(devices)
-        if pad:  # copies of the last replicate, discarded below
-            keys, z0, data = jax.tree_util.tree_map(
-                lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), (keys, z0, data)
-            )
-    sampler = _batched_sampler(
-        model,
-        int(num_warmup),
-        int(num_samples),
-        float(target_accept_prob),
-        int(max_tree_depth),
-        bool(vectorize),
-        tuple(devices) if len(devices) > 1 else (),
-        interweave,
-        bool(progress_bar),
-    )
-    if len(devices) == 1:
-        keys, z0, data = jax.device_put((keys, z0, data), devices[0])
-    # one host transfer of the whole result (indexing a sharded device array per replicate
-    # would dispatch one gather per replicate and site)
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        _PROGRESS_BARS.append(
-            tqdm(total=int(num_warmup) + int(num_samples), desc=f"NUTS, {R} chain(s) at once")
-        )
-    try:
-        draws, stats = jax.device_get(sampler(keys, z0, data))
-    finally:
-        if progress_bar:
-            _PROGRESS_BARS.pop().close()
-    out = []
-    for r in range(R):
-        samples = {k: np.asarray(v[r])[None] for k, v in draws.items()}
-        div, nsteps, acc, energy, pot, step = (np.asarray(a[r])[None] for a in stats)
-        sample_stats = {
-            "diverging": div.astype(bool),
-            "n_steps": nsteps,
-            "tree_depth": np.floor(np.log2(np.maximum(nsteps, 1))).astype(int) + 1,
-            "acceptance_rate": acc,
-            "energy": energy,
-            "lp": -pot,
-            "step_size": step,
-        }
-        out.append(Posterior(samples=samples, sample_stats=sample_stats, method="nuts"))
-    return out
 
 
 def supports_batching(estimator: Any) -> bool:
     """Whether :func:`fit_replicates` can sample ``estimator`` in a batched job: every method
-    whose posterior is sampled by NUTS with one chain — the PC priors (both constructions), the
-    Bayesian last layer, the target-only and pretrained-prior networks, and the Hutchinson
-    architectures with the Bayesian-network base learner."""
+    whose posterior is sampled by NUTS — the PC priors (both constructions), the Bayesian last
+    layer, the target-only and pretrained-prior networks, and the Hutchinson architectures
+    with the Bayesian-network base learner."""
     batchable = getattr(estimator, "_batchable", None)
     if batchable is None or not hasattr(estimator, "_batch_plan"):
         return False
@@ -1392,13 +1067,13 @@ def fit_replicates(
 ) -> list[Any]:
     """Fit ``estimators[r]`` on ``datasets[r] = (X_r, y_r)``; returns the fitted estimators.
 
-    When every estimator :func:`supports_batching` and their plans share the model and the
-    sampler settings, all replicates are sampled as one vmapped NUTS job
-    (:func:`run_nuts_batched`; compiled once per model and data shapes, so later batches of the
-    same shapes reuse it) and each ``fit_seconds_`` is the replicate's own set-up time plus the
-    batch time divided by ``R``; the batch is sharded over ``devices`` (default all local
-    devices). Otherwise — or when the models' arguments cannot be stacked (different shapes) —
-    they are fitted one by one. ``batched_`` tells which happened.
+    When every estimator :func:`supports_batching` and their plans share the model, the sampler
+    settings (chains included) and the data shapes, all replicates and their chains are
+    sampled as one compiled NUTS job (:func:`pcbtl.inference.run_plans`; compiled once per
+    model and data shapes, so later batches of the same shapes reuse it) and each
+    ``fit_seconds_`` is the replicate's own set-up time plus the batch time divided by ``R``;
+    the batch is spread over ``devices`` (default all local devices). Otherwise they are
+    fitted one by one. ``batched_`` tells which happened.
     """
     if len(estimators) != len(datasets):
         raise ValueError("estimators and datasets must have the same length")
@@ -1412,38 +1087,10 @@ def fit_replicates(
     if not estimators or not all(supports_batching(e) for e in estimators):
         return one_by_one()
     plans = [e._batch_plan(X, y) for e, (X, y) in zip(estimators, datasets, strict=True)]
-    settings = {
-        (
-            p.model,
-            p.num_warmup,
-            p.num_samples,
-            p.target_accept_prob,
-            p.max_tree_depth,
-            p.interweave,
-        )
-        for p in plans
-    }
-    shapes = {
-        tuple(np.shape(a) for a in jax.tree_util.tree_leaves(p.kwargs))
-        + (jax.tree_util.tree_structure(p.kwargs),)
-        for p in plans
-    }
-    if len(settings) != 1 or len(shapes) != 1:
+    if len({plan_key(p) for p in plans}) != 1:
         return one_by_one()
-    first = plans[0]
     t0 = time.perf_counter()
-    posts = run_nuts_batched(
-        first.model,
-        [p.kwargs for p in plans],
-        num_warmup=first.num_warmup,
-        num_samples=first.num_samples,
-        seeds=[p.seed for p in plans],
-        target_accept_prob=first.target_accept_prob,
-        max_tree_depth=first.max_tree_depth,
-        init_strategy=first.init_strategy,
-        devices=devices,
-        interweave=first.interweave,
-    )
+    posts = run_plans(plans, devices=devices)
     share = (time.perf_counter() - t0) / len(plans)
     for est, post, plan in zip(estimators, posts, plans, strict=True):
         plan.complete(post, seconds=plan.setup_seconds + share)

@@ -23,8 +23,9 @@ and the continuous ranked probability score (CRPS, lower is better). Posterior-d
 scored with their Gaussian-mixture predictive, the others with their Gaussian predictive.
 
 Outputs of :func:`run_study`: ``results.csv`` (one row per setting, replicate and method),
-``summary.md`` (means ± standard errors over replicates), ``rmse_vs_ntarget.png`` and
-``coverage.png``, and ``config.json``.
+``summary.md`` (means ± standard errors over replicates, and each method's RMSE difference from
+the setting's best with a *paired* standard error: :func:`paired_differences`),
+``rmse_vs_ntarget.png`` and ``coverage.png``, and ``config.json``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import os
 import platform
 import time
 import traceback
+import warnings
 import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -50,10 +52,12 @@ import numpy as np
 from scipy.special import logsumexp
 from scipy.stats import norm
 
+from pcbtl.inference import SamplerWarning
 from pcbtl.methods import METHODS, fit_replicates, make_method, methods, supports_batching
 from pcbtl.networks import train_source
+from pcbtl.priors import PriorDataConflictWarning
 from pcbtl.simulation import make_synthetic_task
-from pcbtl.transfer import PosteriorRegressor
+from pcbtl.transfer import PosteriorRegressor, sampler_health
 
 __all__ = [
     "METRICS",
@@ -63,9 +67,14 @@ __all__ = [
     "run_study",
     "score",
     "summarise",
+    "TIE_SE",
+    "PairedDifference",
+    "paired_differences",
     "add_simulate_command",
     "headline_markdown",
+    "summary_markdown",
     "merge_studies",
+    "write_summary",
 ]
 
 METRICS = ("rmse", "mae", "coverage95", "width95", "mlpd", "crps")
@@ -78,7 +87,8 @@ class StudyConfig:
     ``deltas`` holds discrepancy sizes (noise sds) and/or ``"unrelated"``; ``covariate_shifts``
     the input shifts ``c`` (0: none). ``source_hidden``/``source_max_epochs`` set the source
     network; ``learner_hidden`` the networks of the target-only and Hutchinson BNN learners;
-    ``num_warmup``/``num_samples`` every NUTS fit and ``max_tree_depth`` every NUTS fit of a
+    ``num_warmup``/``num_samples``/``num_chains`` every NUTS fit (studies run before chains
+    were a setting recorded none: one chain) and ``max_tree_depth`` every NUTS fit of a
     network (the same tree budget for the PC scale prior and the Bayesian-network baselines);
     ``n_estimators`` every forest. The forest-based methods see the first
     ``forest_source_rows`` source rows (the calibrated infinitesimal-jackknife variance costs
@@ -102,6 +112,7 @@ class StudyConfig:
     learner_hidden: tuple[int, ...] = (16,)
     num_warmup: int = 150
     num_samples: int = 150
+    num_chains: int = 4
     max_tree_depth: int = 7
     n_estimators: int = 100
     multitask_source_rows: int = 1000
@@ -244,7 +255,12 @@ def score(est: Any, X: np.ndarray, y: np.ndarray, level: float = 0.95) -> dict[s
 
 
 def _method_options(name: str, cfg: StudyConfig, task, seed: int) -> dict[str, Any]:
-    nuts = {"num_warmup": cfg.num_warmup, "num_samples": cfg.num_samples, "seed": seed}
+    nuts = {
+        "num_warmup": cfg.num_warmup,
+        "num_samples": cfg.num_samples,
+        "num_chains": cfg.num_chains,
+        "seed": seed,
+    }
     rf = {"n_estimators": cfg.n_estimators, "seed": seed}
     if name == "source-only":
         return {}
@@ -350,20 +366,25 @@ def run_study(
                 for task, src, s in zip(tasks, sources, seeds, strict=True)
             ]
             errors = [""] * len(ests)
-            if config.batched and all(supports_batching(e) for e in ests):
-                try:
-                    fit_replicates(ests, [(t.X_target, t.y_target) for t in tasks])
-                except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
-                    errors = [f"{type(exc).__name__}: {exc}"] * len(ests)
-                    if verbose:
-                        traceback.print_exc()
-            else:
-                for i, (est, task) in enumerate(zip(ests, tasks, strict=True)):
+            # sampler and prior-conflict warnings are recorded per fit (columns below), not
+            # printed once per replicate
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", SamplerWarning)
+                warnings.simplefilter("ignore", PriorDataConflictWarning)
+                if config.batched and all(supports_batching(e) for e in ests):
                     try:
-                        est.fit(task.X_target, task.y_target)
-                        est.batched_ = False
+                        fit_replicates(ests, [(t.X_target, t.y_target) for t in tasks])
                     except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
-                        errors[i] = f"{type(exc).__name__}: {exc}"
+                        errors = [f"{type(exc).__name__}: {exc}"] * len(ests)
+                        if verbose:
+                            traceback.print_exc()
+                else:
+                    for i, (est, task) in enumerate(zip(ests, tasks, strict=True)):
+                        try:
+                            est.fit(task.X_target, task.y_target)
+                            est.batched_ = False
+                        except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
+                            errors[i] = f"{type(exc).__name__}: {exc}"
             for r, (est, task, s) in enumerate(zip(ests, tasks, seeds, strict=True)):
                 metrics = dict.fromkeys(METRICS, float("nan"))
                 if not errors[r]:
@@ -383,6 +404,7 @@ def run_study(
                         "fit_seconds": float(getattr(est, "fit_seconds_", float("nan"))),
                         "batched": bool(getattr(est, "batched_", False)),
                         "divergences": int(getattr(est, "num_divergences_", 0)),
+                        **sampler_health(est if not errors[r] else None),
                         "error": errors[r],
                     }
                 )
@@ -496,6 +518,115 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[float, 
     return out
 
 
+#: "Tied with the best" means a mean paired difference within this many paired standard errors.
+TIE_SE = 1.0
+
+_LOWER_IS_BETTER = ("rmse", "mae", "crps")
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """One method against the best method of a setting (:func:`paired_differences`).
+
+    ``mean`` and ``se``: mean and standard error of ``metric_m,r − metric_best,r`` over the ``n``
+    replicates ``r`` both methods have (``0``, ``0`` and the method's own count for the best
+    itself; ``se`` is NaN when ``n < 2``). ``tied``: the method is the best, or ``n ≥ 2`` and
+    ``mean ≤ k · se``. ``n_method`` and ``n_best``: the replicates each has on its own.
+    """
+
+    method: str
+    best: str
+    mean: float
+    se: float
+    n: int
+    n_method: int
+    n_best: int
+    tied: bool
+
+    @property
+    def is_best(self) -> bool:
+        return self.method == self.best
+
+
+def paired_differences(
+    rows: list[dict[str, Any]], metric: str = "rmse", k: float = TIE_SE
+) -> dict[tuple[float, str, int], dict[str, PairedDifference]]:
+    r"""Every method against the best of its setting, on paired per-replicate differences.
+
+    Replicate ``r`` of a setting gives every method the same source, target and test data
+    (:func:`replicate_seed`), so methods are compared replicate by replicate: the shared
+    replicate effect (an easy or a hard draw of the data) cancels from the difference, where
+    the unpaired rule ``mean_m − mean_b ≤ √(se_m² + se_b²)`` counts it as noise in both
+    standard errors.
+
+    For each setting ``(shift, δ, n_T)``, the best method ``b`` has the lowest mean ``metric``
+    over its finite replicates (ties in the mean go to the earlier method of
+    :func:`pcbtl.methods.methods`). For each method ``m`` with replicates ``R_m`` (finite values
+    only: a failed fit is NaN and left out) and the best's ``R_b`` (written for RMSE; any
+    lower-is-better ``metric`` alike):
+
+    .. math::
+
+        d_{m,r} = \mathrm{RMSE}_{m,r} - \mathrm{RMSE}_{b,r}, \qquad
+        r \in R_m \cap R_b, \qquad n = |R_m \cap R_b|,
+
+        \bar d_m = \frac{1}{n} \sum_r d_{m,r}, \qquad
+        \operatorname{se}(\bar d_m) = \frac{\operatorname{sd}(d_{m,\cdot})}{\sqrt{n}}
+        = \sqrt{\frac{\sum_r (d_{m,r} - \bar d_m)^2}{n (n - 1)}},
+
+        m \text{ is tied with } b \iff n \ge 2 \ \text{and}\ \bar d_m \le k \operatorname{se}(\bar d_m),
+
+    with ``k = TIE_SE = 1`` (the one standard error of the unpaired rule this replaces). With
+    fewer than two shared replicates there is no standard error and no tie is called. With
+    missing replicates :math:`\bar d_m` may be negative (``m`` ahead of ``b`` on the shared
+    replicates); that is a tie.
+
+    ``metric`` is a lower-is-better metric (``rmse``, ``mae`` or ``crps``). Pure: ``rows`` is
+    not changed. Returns ``{(shift, delta, n_T): {method: PairedDifference}}``; a method
+    without a finite value in a setting is left out of it. Raises ``ValueError`` when a
+    setting holds a replicate of a method twice.
+    """
+    if metric not in _LOWER_IS_BETTER:
+        raise ValueError(f"metric must be one of {_LOWER_IS_BETTER}, got {metric!r}")
+    values: dict[tuple, dict[str, dict[int, float]]] = defaultdict(dict)
+    for row in rows:
+        setting = (row["covariate_shift"], row["delta"], row["n_target"])
+        per_rep = values[setting].setdefault(row["method"], {})
+        rep = int(row["replicate"])
+        if rep in per_rep:
+            raise ValueError(
+                f"replicate {rep} of {row['method']} appears twice in setting {setting}"
+            )
+        per_rep[rep] = float(row[metric])
+    order = {m: i for i, m in enumerate(methods())}
+    out: dict[tuple[float, str, int], dict[str, PairedDifference]] = {}
+    for setting, by_method in values.items():
+        finite = {
+            m: {r: v for r, v in reps.items() if math.isfinite(v)} for m, reps in by_method.items()
+        }
+        finite = {m: reps for m, reps in finite.items() if reps}
+        if not finite:
+            out[setting] = {}
+            continue
+        means = {m: float(np.mean(list(reps.values()))) for m, reps in finite.items()}
+        best = min(means, key=lambda m: (means[m], order.get(m, len(order)), m))
+        ref = finite[best]
+        comp = {}
+        for m, reps in finite.items():
+            if m == best:
+                comp[m] = PairedDifference(m, best, 0.0, 0.0, len(ref), len(ref), len(ref), True)
+                continue
+            shared = sorted(set(reps) & set(ref))
+            d = np.array([reps[r] - ref[r] for r in shared], float)
+            n = int(d.size)
+            mean = float(d.mean()) if n else float("nan")
+            se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+            tied = n > 1 and mean <= k * se
+            comp[m] = PairedDifference(m, best, mean, se, n, len(reps), len(ref), tied)
+        out[setting] = comp
+    return out
+
+
 def environment() -> dict[str, str]:
     """Date, package versions and machine, for the record."""
     import jax
@@ -526,10 +657,21 @@ def _cpu_name() -> str:
     return ""
 
 
-def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | None = None) -> str:
-    """Markdown tables of means ± standard errors, one table per setting."""
-    env = environment()
+def summary_markdown(
+    rows: list[dict[str, Any]],
+    seconds: float | None = None,
+    config: StudyConfig | None = None,
+    env: dict[str, Any] | None = None,
+) -> str:
+    """Markdown tables of means ± standard errors, one table per setting, with each method's
+    paired RMSE difference from the setting's best (:func:`paired_differences`).
+
+    ``env``: the record of :func:`environment` to print (by default this process's; a summary
+    rewritten from a finished study passes the one in its ``config.json``).
+    """
+    env = environment() if env is None else env
     summ = summarise(rows)
+    paired = paired_differences(rows)
     reps = max((r["replicate"] for r in rows), default=-1) + 1
     lines = [
         "# pcbtl simulation study",
@@ -543,13 +685,14 @@ def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | N
     if config is not None:
         lines.append(
             f"n_S = {config.n_source}, n_test = {config.n_test}, d = {config.n_features}, "
-            f"noise sd = {config.noise_sd}; NUTS {config.num_warmup} warmup + "
-            f"{config.num_samples} draws; source network {config.source_hidden}; "
+            f"noise sd = {config.noise_sd}; NUTS {config.num_chains} chain(s) of "
+            f"{config.num_warmup} warmup + {config.num_samples} draws; "
+            f"source network {config.source_hidden}; "
             f"learner networks {config.learner_hidden}; forests {config.n_estimators} trees."
         )
     if seconds is not None:
         lines.append(f"Total run time {seconds / 60:.1f} min (over every resumed invocation).")
-    lines += ["", "## Over all settings", "", _headline_markdown(summ).rstrip("\n")]
+    lines += ["", "## Over all settings", "", _headline_markdown(summ, paired).rstrip("\n")]
     lines += ["", "## RMSE (coverage95) by target size", "", _grid_markdown(summ).rstrip("\n")]
     settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
     order = {m: i for i, m in enumerate(methods())}
@@ -558,15 +701,18 @@ def summary_markdown(rows, seconds: float | None = None, config: StudyConfig | N
             "",
             f"## δ = {delta}, n_T = {n_t}, covariate shift = {c:g}",
             "",
-            "| method | RMSE | MAE | coverage95 | width95 | MLPD | CRPS | fit s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | RMSE | RMSE − best (paired) | MAE | coverage95 | width95 | MLPD | CRPS "
+            "| fit s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
+        comp = paired.get((c, delta, n_t), {})
         keys = sorted(
             (k for k in summ if k[:3] == (c, delta, n_t)), key=lambda k: order.get(k[3], 99)
         )
         for k in keys:
             s = summ[k]
             cells = [_pm(*s[m][:2], 3) for m in METRICS] + [f"{s['fit_seconds'][0]:.1f}"]
+            cells.insert(1, _paired_cell(comp.get(k[3]), reps))
             lines.append(f"| {k[3]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -616,15 +762,21 @@ def headline_markdown(rows: list[dict[str, Any]]) -> str:
     r"""One line per method over every setting of ``rows``: the claim of the study at a glance.
 
     Columns: mean RMSE rank (1 = best) over settings; the settings where the method is *best
-    or tied* (its mean RMSE within one standard error of the best method's, with standard
-    errors over replicates); mean 95% coverage and the lowest per-setting mean coverage; and
-    the worst ratio of its mean RMSE to target-only's over the settings (``> 1``: negative
-    transfer somewhere; ``—`` without target-only).
+    or tied*: the best mean RMSE, or a mean paired RMSE difference from the best within
+    ``TIE_SE`` (one) paired standard error over the replicates both have
+    (:func:`paired_differences`); mean 95% coverage and the lowest per-setting mean coverage;
+    and the worst ratio of its mean RMSE to target-only's over the settings (``> 1``: negative
+    transfer somewhere; ``—`` without target-only). A line under the table says how many
+    comparisons rest on fewer replicates than the study has (failed or missing fits) and how
+    many could not be called (fewer than two shared replicates).
     """
-    return _headline_markdown(summarise(rows))
+    return _headline_markdown(summarise(rows), paired_differences(rows))
 
 
-def _headline_markdown(summ: dict[tuple, dict[str, tuple[float, float, int]]]) -> str:
+def _headline_markdown(
+    summ: dict[tuple, dict[str, tuple[float, float, int]]],
+    paired: dict[tuple[float, str, int], dict[str, PairedDifference]],
+) -> str:
     settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
     names = [m for m in methods() if any(k[3] == m for k in summ)]
     ranks: dict[str, list[float]] = defaultdict(list)
@@ -638,18 +790,21 @@ def _headline_markdown(summ: dict[tuple, dict[str, tuple[float, float, int]]]) -
         order = sorted(rm, key=lambda m: rm[m][0])
         for i, m in enumerate(order):
             ranks[m].append(i + 1)
-        best, best_se = rm[order[0]][:2]
-        for m, (mean, se, _) in rm.items():
-            if mean <= best + math.sqrt(np.nan_to_num(se) ** 2 + np.nan_to_num(best_se) ** 2):
-                tied[m] += 1
+        for m, comp in paired.get(st, {}).items():
+            tied[m] += comp.tied
         if "target-only" in rm:
             base = rm["target-only"][0]
             for m, v in rm.items():
                 worst[m] = max(worst.get(m, 0.0), v[0] / base)
+    comps = [c for st in settings for c in paired.get(st, {}).values() if not c.is_best]
+    most = max((c.n_best for st in settings for c in paired.get(st, {}).values()), default=0)
+    short = [c for c in comps if c.n < most]
     lines = [
-        f"Over {len(settings)} settings (δ × n_T × shift): mean RMSE rank, settings where the "
-        "method is best or within one standard error of the best, mean and lowest coverage of "
-        "the 95% interval, and the worst RMSE relative to target-only (> 1: negative transfer).",
+        f"Over {len(settings)} settings (δ × n_T × shift): mean RMSE rank; settings where the "
+        "method is best or tied with the best (its mean paired RMSE difference from the best "
+        f"within {TIE_SE:g} paired standard error, sd of the per-replicate differences / √n: "
+        "replicate r gives every method the same data); mean and lowest coverage of the 95% "
+        "interval; and the worst RMSE relative to target-only (> 1: negative transfer).",
         "",
         "| method | mean RMSE rank | best or tied | coverage95 mean (lowest) | worst RMSE / target-only |",  # noqa: E501
         "|---|---:|---:|---|---:|",
@@ -661,7 +816,35 @@ def _headline_markdown(summ: dict[tuple, dict[str, tuple[float, float, int]]]) -
         w = f"{worst[m]:.2f}" if m in worst else "—"
         rank = f"{np.mean(ranks[m]):.1f}" if ranks[m] else "—"
         lines.append(f"| {m} | {rank} | {tied[m]}/{len(settings)} | {cov_txt} | {w} |")
+    if not short:
+        note = f"Every comparison with the best pairs all {most} replicate(s)."
+    else:
+        note = (
+            f"{len(short)} of {len(comps)} comparisons with the best pair fewer than {most} "
+            f"replicates (failed or missing fits; fewest {min(c.n for c in short)})."
+        )
+    uncalled = sum(c.n < 2 for c in comps)
+    if uncalled:
+        note += (
+            f" {uncalled} comparison(s) have fewer than 2 shared replicates: no standard error, "
+            "so no tie is called."
+        )
+    lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def _paired_cell(comp: PairedDifference | None, reps: int) -> str:
+    """``+0.0123 ± 0.0045 tied`` (``(n = 17)`` when fewer than ``reps`` pairs)."""
+    if comp is None:
+        return "—"
+    if comp.is_best:
+        return "best"
+    if comp.n == 0:
+        return "— (no shared replicates)"
+    if comp.n == 1:
+        return f"{comp.mean:+.4f} (1 pair: no se, no tie called)"
+    text = f"{comp.mean:+.4f} ± {comp.se:.4f}" + (" tied" if comp.tied else "")
+    return text + (f" (n = {comp.n})" if comp.n < reps else "")
 
 
 def merge_studies(dirs: list[str | Path], out: str | Path) -> list[dict[str, Any]]:
@@ -699,14 +882,7 @@ def merge_studies(dirs: list[str | Path], out: str | Path) -> list[dict[str, Any
         raise ValueError("no study folders given")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    fields = {f.name for f in dataclasses.fields(StudyConfig)}
-    config = StudyConfig(
-        **{
-            k: tuple(v) if isinstance(v, list) else v
-            for k, v in {**base_cfg, **union}.items()
-            if k in fields
-        }
-    )
+    config = _config_from_dict({**base_cfg, **union})
     meta = {"config": asdict(config), "merged_from": [str(d) for d in dirs], **environment()}
     meta["elapsed_seconds"] = seconds
     _atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
@@ -714,6 +890,35 @@ def merge_studies(dirs: list[str | Path], out: str | Path) -> list[dict[str, Any
     _atomic_write_text(out / "summary.md", summary_markdown(rows, seconds, config))
     plot_results(rows, out)
     return rows
+
+
+def _config_from_dict(cfg: dict[str, Any]) -> StudyConfig:
+    """The :class:`StudyConfig` recorded (as JSON) in a study's ``config.json``."""
+    fields = {f.name for f in dataclasses.fields(StudyConfig)}
+    known = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in fields}
+    known.setdefault("num_chains", 1)  # recorded before chains were a setting: one chain
+    return StudyConfig(**known)
+
+
+def write_summary(folder: str | Path) -> Path:
+    """Rewrite ``folder/summary.md`` from the study's ``results.csv`` and ``config.json``.
+
+    Nothing is re-run: the tables are recomputed from the recorded rows (e.g. after a change
+    to how the summary compares methods), and the header keeps the run's recorded date,
+    versions, machine and run time. Returns the path written.
+    """
+    folder = Path(folder)
+    meta = json.loads((folder / "config.json").read_text())
+    rows = read_csv(folder / "results.csv")
+    seconds = meta.get("elapsed_seconds")
+    text = summary_markdown(
+        rows,
+        None if seconds is None else float(seconds),
+        _config_from_dict(meta["config"]),
+        env={k: v for k, v in meta.items() if k not in ("config", "merged_from")},
+    )
+    _atomic_write_text(folder / "summary.md", text)
+    return folder / "summary.md"
 
 
 def _delta_order(label: str) -> float:
@@ -799,6 +1004,10 @@ def _parse_delta(text: str) -> Any:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    if args.summary_only:
+        path = write_summary(args.out)
+        print(f"rewrote {path} from {args.out}/results.csv (nothing re-run)")
+        return 0
     if args.merge:
         rows = merge_studies(args.merge, args.out)
         print(f"merged {len(args.merge)} studies into {args.out} ({len(rows)} rows)")
@@ -856,6 +1065,11 @@ def add_simulate_command(sub) -> None:
         metavar="DIR",
         help="instead of running: combine studies run in parts (e.g. different --n-targets) "
         "into --out",
+    )
+    p.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="instead of running: rewrite --out's summary.md from its results.csv and config.json",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_simulate)

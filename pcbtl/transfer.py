@@ -27,7 +27,8 @@ from pcbtl.inference import (
     BatchPlan,
     Posterior,
     check_sampler,
-    run_nuts,
+    resolve_chain_method,
+    run_plans,
     run_svi,
     sampler_diagnostics,
     to_inference_data,
@@ -58,7 +59,39 @@ from pcbtl.priors import (
     reference_gram,
 )
 
-__all__ = ["PosteriorRegressor", "PCTransferRegressor", "BayesianNetworkRegressor"]
+__all__ = [
+    "HEALTH_COLUMNS",
+    "BayesianNetworkRegressor",
+    "PCTransferRegressor",
+    "PosteriorRegressor",
+    "sampler_health",
+]
+
+#: the sampler figures a results table records per fit (see :func:`sampler_health`)
+HEALTH_COLUMNS = (
+    "min_bulk_ess",
+    "max_rhat",
+    "prediction_max_rhat",
+    "prediction_share_rhat_above_1.05",
+    "stuck_chains",
+)
+
+
+def sampler_health(est: Any) -> dict[str, float]:
+    """The figures of ``HEALTH_COLUMNS`` for a fitted estimator: smallest bulk ESS and largest
+    R-hat over the scalar sites, largest prediction R-hat and the share of predictions with
+    R-hat above 1.05 (across chains), and the number of chains that did not move. NaN for an
+    estimator without NUTS draws, or ``None`` (a fit that raised)."""
+    out = dict.fromkeys(HEALTH_COLUMNS, float("nan"))
+    try:
+        diag = est.sampler_diagnostics_
+    except (AttributeError, RuntimeError, ValueError):
+        return out
+    for k in HEALTH_COLUMNS:
+        v = diag.get(k, float("nan"))
+        out[k] = float(len(v)) if isinstance(v, list) else float(v)
+    return out
+
 
 PRIORS = ("last_layer", "scale")
 INFERENCES = ("nuts", "svi")
@@ -92,6 +125,63 @@ class PosteriorRegressor:
 
     n_features_in_: int
 
+    #: how the chains of one fit run (``"vectorized"``: vmapped in one program;
+    #: ``"sequential"``: one after another in it; ``"auto"``: vectorized on a GPU or TPU,
+    #: sequential on a CPU, as measured); several devices take one chain each
+    CHAIN_METHODS = ("auto", "vectorized", "sequential")
+
+    def _check_sampler_settings(self) -> None:
+        """Validate the NUTS settings every posterior-draw estimator shares."""
+        for name, least in (("num_warmup", 0), ("num_samples", 1), ("num_chains", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        _check_choice(getattr(self, "chain_method", "auto"), self.CHAIN_METHODS, "chain_method")
+        tap = getattr(self, "target_accept_prob", 0.8)
+        if not isinstance(tap, int | float) or not 0.0 < float(tap) < 1.0:
+            raise ValueError(f"target_accept_prob must lie strictly between 0 and 1, got {tap!r}")
+
+    def _plan(
+        self,
+        model: Callable[..., None],
+        kwargs: dict[str, Any],
+        complete: Callable[..., Any],
+        *,
+        init_strategy: Callable,
+        t0: float,
+        max_tree_depth: int | None = None,
+        interweave: Interweave | None = None,
+    ) -> BatchPlan:
+        """The :class:`pcbtl.inference.BatchPlan` of a fit, with this estimator's sampler
+        settings (``num_warmup``, ``num_samples``, ``num_chains``, ``chain_method``, ``seed``,
+        ``target_accept_prob``, ``max_tree_depth``): the one place they are read."""
+        self._check_sampler_settings()
+        return BatchPlan(
+            model=model,
+            kwargs=kwargs,
+            complete=complete,
+            num_warmup=int(self.num_warmup),
+            num_samples=int(self.num_samples),
+            seed=int(self.seed),
+            target_accept_prob=float(getattr(self, "target_accept_prob", 0.8)),
+            max_tree_depth=int(max_tree_depth or getattr(self, "max_tree_depth", 10)),
+            init_strategy=init_strategy,
+            setup_seconds=time.perf_counter() - t0,
+            interweave=interweave,
+            num_chains=int(self.num_chains),
+            chain_method=resolve_chain_method(getattr(self, "chain_method", "auto")),
+        )
+
+    def _fit_nuts(self, X: Any, y: Any):
+        """``fit`` of a NUTS estimator: plan, sample all chains in one job, complete."""
+        t0 = time.perf_counter()
+        plan = self._batch_plan(X, y)
+        posterior = run_plans([plan], progress_bar=bool(getattr(self, "progress_bar", False)))[0]
+        return plan.complete(posterior, seconds=time.perf_counter() - t0)
+
+    def _batchable(self) -> bool:
+        return True
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "posterior_"):
             raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
@@ -103,13 +193,26 @@ class PosteriorRegressor:
     def _posterior_means(self, X: np.ndarray) -> np.ndarray:
         return self._posterior_means_from(self.posterior_, X, self._state)
 
+    #: rows of the reference inputs at which the prediction R-hat is computed
+    N_DIAGNOSTIC_INPUTS = 256
+
+    def _diagnostic_inputs(self, X: np.ndarray, state: Any) -> np.ndarray:
+        """Inputs at which the chains' predictions are compared: a seeded subsample of at most
+        ``N_DIAGNOSTIC_INPUTS`` rows of the reference inputs (here the training rows)."""
+        return _subsample(X, self.N_DIAGNOSTIC_INPUTS)
+
     @property
     def sampler_diagnostics_(self) -> dict[str, Any]:
-        """NUTS health of the fit (:func:`pcbtl.inference.sampler_diagnostics`); ``{}`` for SVI."""
+        """NUTS health of the fit across chains (:func:`pcbtl.inference.sampler_diagnostics`),
+        predictions at the diagnostic inputs included; ``{}`` for SVI."""
         self._check_fitted()
         if self.posterior_.method != "nuts":
             return {}
-        return sampler_diagnostics(self.posterior_, getattr(self, "max_tree_depth", None))
+        if self.posterior_.diagnostics is None:
+            self.posterior_.diagnostics = sampler_diagnostics(
+                self.posterior_, getattr(self, "max_tree_depth", None)
+            )
+        return dict(self.posterior_.diagnostics)
 
     @property
     def sigma_draws_(self) -> np.ndarray:
@@ -157,8 +260,16 @@ class PosteriorRegressor:
         hold float64 ``(S, n)`` temporaries: ``log N(y_i | g_s(x_i), σ_s²)`` and one predictive
         draw per posterior draw and row.
         """
-        check_sampler(posterior, getattr(self, "max_tree_depth", None), stacklevel=4)
         chains, draws = posterior.samples["sigma"].shape[:2]
+        if posterior.method == "nuts":
+            Xd = self._diagnostic_inputs(X, state)
+            preds = self._posterior_means_from(posterior, Xd, state)
+            posterior.diagnostics = check_sampler(
+                posterior,
+                getattr(self, "max_tree_depth", None),
+                predictions=np.asarray(preds).reshape(chains, draws, -1),
+                stacklevel=6,
+            )
         sig = posterior.flat("sigma").astype(np.float64)
         n = X.shape[0]
         loglik = np.empty((sig.shape[0], n), np.float32)
@@ -184,6 +295,14 @@ class PosteriorRegressor:
 
 #: the centred scale model as one function object (batched samplers are cached per model)
 _scale_pc_model_centred = partial(scale_pc_model, centred=True)
+
+
+def _subsample(X: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """At most ``n`` rows of ``X``, a seeded random subset in their original order."""
+    if X.shape[0] <= n:
+        return X
+    keep = np.sort(np.random.default_rng(seed).choice(X.shape[0], n, replace=False))
+    return X[keep]
 
 
 def _check_choice(value: Any, options: tuple[str, ...], name: str) -> str:
@@ -239,11 +358,14 @@ class PCTransferRegressor(PosteriorRegressor):
         Inputs ``x̃ ~ Q`` on which source and target are compared. ``None``: the target inputs
         plus the source inputs kept in ``source.reference_X``.
     num_chains, chain_method:
-        NUTS chains and how they run. Default ``"vectorized"``: measured on 2 CPU cores
-        (``benchmarks/bench_perf.py``, 2 chains) it took 22.8 s against 40.1 s sequential for the
-        last-layer model and 26.5 s against 32.5 s for the scale model; ``"parallel"`` was faster
-        still (10.4 s, 15.7 s) but needs one JAX device per chain, e.g.
-        ``numpyro.set_host_device_count(2)`` before JAX starts.
+        NUTS chains (4 by default, so that the diagnostics can compare chains) and how they
+        run: ``"vectorized"`` (vmapped in one compiled program: each step waits for the
+        deepest tree of the chains), ``"sequential"`` (one after another inside it) or
+        ``"auto"`` (default: vectorized on a GPU or TPU, sequential on a CPU). Measured on 2 CPU
+        cores, 4 chains of 250 + 250 draws on the 60-row test task (``benchmarks/bench_perf.py
+        chains``): sequential 4.1–5.0 s against vectorized 4.8–7.1 s for the scale prior, and
+        the same within noise for the last layer. With several JAX devices (GPUs, or CPU host
+        devices from ``numpyro.set_host_device_count``) each device runs its own chains.
     inference:
         ``"nuts"`` (default) or ``"svi"`` (mean-field Gaussian guide; see
         :func:`pcbtl.inference.run_svi` for what it approximates).
@@ -260,16 +382,34 @@ class PCTransferRegressor(PosteriorRegressor):
         are the same prior (see :func:`pcbtl.models.scale_pc_model`). ``"interweaved"``
         takes ``τ`` out of NUTS: NUTS samples the centred weights and ``σ`` given ``τ``, and
         ``τ`` gets a centred and a non-centred slice update per iteration (NUTS within Gibbs
-        with ancillarity–sufficiency interweaving, :mod:`pcbtl.interweave`). Its chains run
-        as one vmapped job (``chain_method`` does not apply).
+        with ancillarity–sufficiency interweaving, :mod:`pcbtl.interweave`).
     max_tree_depth:
         NUTS tree-depth limit (at most ``2^depth − 1`` leapfrog steps per draw).
 
-    Fitted attributes: ``idata_``, ``posterior_``, ``distance_``, ``rate_``, ``reference_size_``,
+    Fitted attributes: ``idata_``, ``posterior_``, ``distance_``, ``shift_``,
+    ``prior_conflict_``, ``sampler_diagnostics_``, ``rate_``, ``reference_size_``,
     ``num_divergences_``, ``fit_seconds_`` (of which ``prior_seconds_`` built the prior: the
     reference Gram matrix, or the Monte Carlo ``r(τ)``), and ``ridge_`` (last layer) or
     ``curve_`` and ``tau_beyond_curve_`` (scale: the share of the ``τ`` draws beyond the grid of
-    ``r(τ)``; above 5 % a :class:`pcbtl.priors.PriorDataConflictWarning` says so).
+    ``r(τ)``; above 5 % the grid is extended and the fit run again, and if it still runs past,
+    a :class:`pcbtl.priors.PriorDataConflictWarning` says so).
+
+    What ``distance_`` is, exactly (posterior draws of the ``d`` the prior is placed on):
+
+    * ``prior="last_layer"``: ``d = sqrt(δᵀGδ)/σ`` with ``δ = β − β_S`` and ``G`` the reference
+      Gram matrix (plus its ridge, if any): exactly the RMS over all reference inputs of the
+      shift of the mean function, in noise sds.
+    * ``prior="scale"``: ``d = r̂(τ)/σ``, the Monte Carlo curve at the drawn ``τ``. It averages
+      over the latent ``ε`` (the divergence of the PC prior is between the joint models of
+      ``(ε, y)``), so it is the RMS shift a *typical* ``ε`` at that ``τ`` would give, not the
+      shift of the drawn network; with data, ``ε`` moves to where the data want it and the two
+      differ.
+
+    ``shift_`` gives, for both, the realised ``RMS_{x̃}(g_θ(x̃) − g_S(x̃))/σ`` of each draw over a
+    subsample of ``N_DIAGNOSTIC_INPUTS`` reference inputs. ``prior_conflict_`` compares the
+    posterior of ``d`` with its prior (median, the prior's 0.999 quantile, the share beyond and
+    ``λ·median(d)`` in nats); a median beyond that quantile raises a
+    :class:`pcbtl.priors.PriorDataConflictWarning` for either construction.
     """
 
     def __init__(
@@ -285,8 +425,8 @@ class PCTransferRegressor(PosteriorRegressor):
         inference: str = "nuts",
         num_warmup: int = 500,
         num_samples: int = 500,
-        num_chains: int = 1,
-        chain_method: str = "vectorized",
+        num_chains: int = 4,
+        chain_method: str = "auto",
         seed: int = 0,
         progress_bar: bool = True,
         sigma_scale: float | None = None,
@@ -328,6 +468,7 @@ class PCTransferRegressor(PosteriorRegressor):
 
     # ---- set-up ------------------------------------------------------------------------------
     def _check_params(self) -> None:
+        self._check_sampler_settings()
         if not isinstance(self.source, SourceModel):
             raise ValueError(f"source must be a pcbtl.SourceModel, got {type(self.source)}")
         _check_choice(self.prior, PRIORS, "prior")
@@ -370,14 +511,20 @@ class PCTransferRegressor(PosteriorRegressor):
     def _sigma_scale(self) -> float:
         return float(self.sigma_scale) if self.sigma_scale is not None else self.source.y_scale
 
-    def _setup(self, X: np.ndarray | None) -> dict[str, Any]:
-        """Everything the prior needs, from the reference inputs alone (no ``y``)."""
+    def _setup(
+        self, X: np.ndarray | None, y: np.ndarray | None = None, tau_reach: float = 0.0
+    ) -> dict[str, Any]:
+        """Everything the prior needs: the reference inputs, and for the scale prior the grid of
+        ``r(τ)``, whose fine part is sized from the source's residual sd on ``(X, y)`` (a
+        guess of the fitted ``σ``) and which reaches at least ``tau_reach``."""
         t0 = time.perf_counter()
-        setup = self._setup_prior(X)
+        setup = self._setup_prior(X, y, tau_reach)
         setup["seconds"] = time.perf_counter() - t0
         return setup
 
-    def _setup_prior(self, X: np.ndarray | None) -> dict[str, Any]:
+    def _setup_prior(
+        self, X: np.ndarray | None, y: np.ndarray | None = None, tau_reach: float = 0.0
+    ) -> dict[str, Any]:
         rate = pc_rate(self.U, self.alpha)
         Xref = self._reference(X)
         setup: dict[str, Any] = {"rate": rate, "sigma_scale": self._sigma_scale(), "Xref": Xref}
@@ -398,6 +545,11 @@ class PCTransferRegressor(PosteriorRegressor):
             else:
                 Xref_c = Xref
             low_rate = rate if self.U_log_sd is None else rate * math.exp(-2 * self.U_log_sd)
+            sigma_fine = 0.674 * setup["sigma_scale"]  # the prior median of σ
+            if X is not None and y is not None:
+                resid = float(np.sqrt(np.mean((y - self.source.predict(X)) ** 2)))
+                if np.isfinite(resid) and resid > 0:
+                    sigma_fine = min(resid, setup["sigma_scale"])
             curve = _fit_distance_curve(
                 tp,
                 jnp.asarray(Xref_c),
@@ -406,6 +558,8 @@ class PCTransferRegressor(PosteriorRegressor):
                 self.n_tau,
                 self.n_eps,
                 self.seed,
+                sigma_fine=sigma_fine,
+                tau_reach=tau_reach,
             )
             setup.update(tp=tp, curve=curve, curve_reference_size=int(Xref_c.shape[0]))
         return setup
@@ -440,65 +594,25 @@ class PCTransferRegressor(PosteriorRegressor):
     def fit(self, X: Any, y: Any) -> PCTransferRegressor:
         """Sample the posterior of the transfer model given target data ``(X, y)``.
 
-        Nothing is stored on the estimator unless the whole fit succeeds.
+        NUTS runs ``num_chains`` chains in one compiled job
+        (:func:`pcbtl.inference.run_nuts_batched`); SVI fits its guide. Nothing is stored on
+        the estimator unless the whole fit succeeds.
         """
+        if self.inference == "nuts":
+            return self._fit_nuts(X, y)
         self._check_params()
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
         setup = self._setup(X)
-        model = self._model()
-        kwargs = self._model_kwargs(setup, X, y)
-        interweave = self._interweave()
-        if self.inference == "nuts" and interweave is not None:
-            from pcbtl.methods import run_nuts_batched  # methods builds on this module
-
-            # chains as replicates of one vmapped job (NUTS within Gibbs has no MCMC object)
-            chains = run_nuts_batched(
-                model,
-                [kwargs] * self.num_chains,
-                num_warmup=self.num_warmup,
-                num_samples=self.num_samples,
-                seeds=[self.seed + 7919 * c for c in range(self.num_chains)],
-                target_accept_prob=self.target_accept_prob,
-                max_tree_depth=self.max_tree_depth,
-                init_strategy=init_to_median(num_samples=15),
-                interweave=interweave,
-                progress_bar=self.progress_bar,
-            )
-            posterior = Posterior(
-                samples={
-                    k: np.concatenate([c.samples[k] for c in chains]) for k in chains[0].samples
-                },
-                sample_stats={
-                    k: np.concatenate([c.sample_stats[k] for c in chains])
-                    for k in chains[0].sample_stats
-                },
-                method="nuts",
-            )
-        elif self.inference == "nuts":
-            posterior = run_nuts(
-                model,
-                kwargs,
-                num_warmup=self.num_warmup,
-                num_samples=self.num_samples,
-                num_chains=self.num_chains,
-                chain_method=self.chain_method,
-                seed=self.seed,
-                target_accept_prob=self.target_accept_prob,
-                max_tree_depth=self.max_tree_depth,
-                init_strategy=init_to_median(num_samples=15),
-                progress_bar=self.progress_bar,
-            )
-        else:
-            posterior = run_svi(
-                model,
-                kwargs,
-                num_steps=self.svi_steps,
-                learning_rate=self.svi_learning_rate,
-                num_samples=self.num_samples * self.num_chains,
-                seed=self.seed,
-                progress_bar=self.progress_bar,
-            )
+        posterior = run_svi(
+            self._model(),
+            self._model_kwargs(setup, X, y),
+            num_steps=self.svi_steps,
+            learning_rate=self.svi_learning_rate,
+            num_samples=self.num_samples * self.num_chains,
+            seed=self.seed,
+            progress_bar=self.progress_bar,
+        )
         return self._complete(posterior, X, y, setup, time.perf_counter() - t0)
 
     def _model(self) -> Callable[..., None]:
@@ -511,35 +625,52 @@ class PCTransferRegressor(PosteriorRegressor):
             return Interweave()
         return None
 
-    def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
-        """The fit split for :func:`pcbtl.methods.fit_replicates`: model, arguments, completion."""
+    def _fit_nuts(self, X: Any, y: Any) -> PCTransferRegressor:
+        """Plan, sample, complete; for the scale prior, when more than 5 % of the ``τ`` draws
+        ran past the grid of ``r(τ)``, the grid is extended to 1.5 times the largest draw and
+        the fit run once more (then :class:`pcbtl.priors.PriorDataConflictWarning` if it still
+        runs past)."""
+        t0 = time.perf_counter()
+        plan = self._batch_plan(X, y)
+        posterior = run_plans([plan], progress_bar=bool(self.progress_bar))[0]
+        if self.prior == "scale":
+            tau = posterior.flat("tau")
+            grid_end = float(plan.complete.keywords["setup"]["curve"].tau[-1])
+            if np.mean(tau > grid_end) > 0.05:
+                plan = self._batch_plan(X, y, tau_reach=1.5 * float(np.max(tau)))
+                posterior = run_plans([plan], progress_bar=bool(self.progress_bar))[0]
+        return plan.complete(posterior, seconds=time.perf_counter() - t0)
+
+    def _batch_plan(self, X: Any, y: Any, tau_reach: float = 0.0) -> BatchPlan:
+        """The fit as a plan: model, arguments, sampler settings and its completion."""
         self._check_params()
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
-        setup = self._setup(X)
-        kwargs = self._model_kwargs(setup, X, y)
-        return BatchPlan(
-            model=self._model(),
-            kwargs=kwargs,
-            complete=partial(self._complete, X=X, y=y, setup=setup),
-            num_warmup=self.num_warmup,
-            num_samples=self.num_samples,
-            seed=self.seed,
-            target_accept_prob=self.target_accept_prob,
-            max_tree_depth=self.max_tree_depth,
+        setup = self._setup(X, y, tau_reach)
+        return self._plan(
+            self._model(),
+            self._model_kwargs(setup, X, y),
+            partial(self._complete, X=X, y=y, setup=setup),
             init_strategy=init_to_median(num_samples=15),
-            setup_seconds=time.perf_counter() - t0,
+            t0=t0,
             interweave=self._interweave(),
         )
 
     def _batchable(self) -> bool:
-        return self.inference == "nuts" and self.num_chains == 1
+        return self.inference == "nuts"
 
     def _complete(self, posterior: Posterior, X, y, setup, seconds: float) -> PCTransferRegressor:
         """Check the draws and store the fit (the tail of :meth:`fit`)."""
         for name in ("sigma", "distance"):
             if not np.all(np.isfinite(posterior.samples[name])):
                 raise FloatingPointError(f"non-finite posterior draws of {name}; fit failed")
+        beyond = 0.0
+        if self.prior == "scale":
+            beyond = _warn_beyond_curve(posterior.flat("tau"), setup["curve"])
+        conflict = _prior_conflict(
+            posterior.flat("distance"), setup["rate"], self.U_log_sd, stacklevel=5
+        )
+        shift = self._realised_shift(posterior, setup)
         idata = self._finish(
             posterior,
             X,
@@ -558,16 +689,31 @@ class PCTransferRegressor(PosteriorRegressor):
         self.prior_seconds_ = setup["seconds"]
         self.n_features_in_ = X.shape[1]
         self.num_divergences_ = posterior.num_divergences
+        self.shift_ = shift
+        self.prior_conflict_ = conflict
         if self.prior == "last_layer":
             self.ridge_ = setup["ridge"]
         else:
             self.curve_ = setup["curve"]
             self.transfer_layers_ = setup["tp"].layers
-            self.tau_beyond_curve_ = _warn_beyond_curve(posterior.flat("tau"), setup["curve"])
+            self.tau_beyond_curve_ = beyond
         self.fit_seconds_ = seconds
         return self
 
+    def _realised_shift(self, posterior: Posterior, setup: dict[str, Any]) -> np.ndarray:
+        r"""Draws of the realised shift ``RMS_{x̃}(g_θ(x̃) − g_S(x̃)) / σ`` over the diagnostic
+        subsample of the reference inputs."""
+        Xd = self._diagnostic_inputs(setup["Xref"], setup)
+        means = np.asarray(self._posterior_means_from(posterior, Xd, setup), np.float64)
+        g_s = np.asarray(self.source.predict(Xd), np.float64)
+        rms = np.sqrt(np.mean((means - g_s[None, :]) ** 2, axis=1))
+        return rms / posterior.flat("sigma").astype(np.float64)
+
     # ---- predictions -------------------------------------------------------------------------
+    def _diagnostic_inputs(self, X: np.ndarray, state: Any) -> np.ndarray:
+        """A seeded subsample of the reference inputs ``x̃ ~ Q`` (target and source rows)."""
+        return _subsample(state["Xref"], self.N_DIAGNOSTIC_INPUTS, self.seed)
+
     def _posterior_means_from(self, posterior: Posterior, X: np.ndarray, setup: Any) -> np.ndarray:
         if self.prior == "last_layer":
             Phi = _with_bias(self.source.features(X))
@@ -640,7 +786,7 @@ def _warn_beyond_curve(tau: np.ndarray, curve: DistanceCurve, limit: float = 0.0
             "expected, and r(tau) there is a linear extension. Check that the source is relevant, "
             "or state a larger U (or set U_log_sd).",
             PriorDataConflictWarning,
-            stacklevel=3,
+            stacklevel=5,
         )
     return share
 
@@ -651,27 +797,99 @@ def _with_bias(features: np.ndarray) -> np.ndarray:
     return np.concatenate([f, np.ones((f.shape[0], 1))], axis=1)
 
 
-def _fit_distance_curve(tp, Xref, rate, sigma_scale, n_tau, n_eps, seed):
-    """Monte Carlo ``r(τ)`` on a grid reaching ``r(τ_max) ≥ (−log(1e−3)/λ)·2·sigma_scale``.
+def _fit_distance_curve(
+    tp, Xref, rate, sigma_scale, n_tau, n_eps, seed, *, sigma_fine=None, tau_reach=0.0
+):
+    r"""Monte Carlo ``r(τ)`` on a grid fine where the fit will be and long enough for the prior.
 
-    A first pass on a geometric probe grid ``2^{−12}..2^{12}`` finds ``τ_max``; the second pass
-    evaluates ``r`` on ``τ_max (k/(K−1))²``. Both passes share the ``ε`` draws (common random
-    numbers) and the grid length, so the jitted curve is compiled once.
+    With ``q = −log(10⁻³)/λ`` the prior's 0.999 quantile of ``d``, the grid is the union of
+    ``default_tau_grid(τ_a, K)`` and ``default_tau_grid(τ_b, K)`` (``2K − 1`` points), where
+    ``r(τ_a) ≥ 2 q σ_fine`` (``σ_fine``: a guess of the fitted noise sd, the source's residual
+    sd on the target) and ``r(τ_b) ≥ 2 q · sigma_scale``, and ``τ_b ≥ tau_reach`` (set when a
+    first fit ran past the grid). A first pass on a geometric probe grid ``2^{−12}..2^{12}``
+    finds ``τ_a`` and ``τ_b``. All passes share the ``ε`` draws (common random numbers).
     """
     key = jax.random.PRNGKey(seed + 7919)
-    target = (-math.log(1e-3) / rate) * 2.0 * sigma_scale
+    q = -math.log(1e-3) / rate
+    sigma_fine = sigma_scale if sigma_fine is None else min(float(sigma_fine), sigma_scale)
     probe = np.concatenate([[0.0], np.geomspace(2.0**-12, 2.0**12, n_tau - 1)])
     r_probe, _ = distance_curve(
         tp.predict_fn, tp.theta_source, tp.scales, Xref, jnp.asarray(probe), key=key, n_eps=n_eps
     )
     r_probe = np.asarray(r_probe)
-    reach = np.nonzero(r_probe >= target)[0]
-    tau_max = float(probe[reach[0]] if reach.size else probe[-1])
-    grid = default_tau_grid(tau_max, n_tau)
+
+    def reach(target: float) -> float:
+        hit = np.nonzero(r_probe >= target)[0]
+        return float(probe[hit[0]] if hit.size else probe[-1])
+
+    tau_b = max(reach(2.0 * q * sigma_scale), float(tau_reach))
+    tau_a = min(reach(2.0 * q * sigma_fine), tau_b)
+    grid = np.union1d(default_tau_grid(tau_a, n_tau), default_tau_grid(tau_b, n_tau))
+    while grid.size < 2 * n_tau - 1:  # shared knots: keep the length (one compilation)
+        gap = int(np.argmax(np.diff(grid)))
+        grid = np.insert(grid, gap + 1, 0.5 * (grid[gap] + grid[gap + 1]))
     r, _ = distance_curve(
         tp.predict_fn, tp.theta_source, tp.scales, Xref, jnp.asarray(grid), key=key, n_eps=n_eps
     )
     return check_distance_curve(grid, np.asarray(r))
+
+
+def prior_distance_quantile(rate: float, prob: float = 0.999, rate_log_sd: float | None = None):
+    r"""The ``prob`` quantile of the prior of ``d``.
+
+    Fixed ``U``: ``d ~ Exp(λ)``, quantile ``−log(1 − prob)/λ``. With the hyperprior
+    ``U ~ LogNormal(log U, s²)`` (``rate_log_sd = s``) the rate is ``λ e^{−s z}``, ``z ~ N(0, 1)``,
+    and the quantile ``q`` solves ``E_z exp(−λ e^{−s z} q) = 1 − prob`` (Gauss–Hermite over
+    ``z``, bisection over ``log q``).
+    """
+    if rate_log_sd is None:
+        return -math.log1p(-prob) / rate
+    z, w = np.polynomial.hermite_e.hermegauss(64)
+    w = w / w.sum()
+
+    def tail(q):
+        return float(np.sum(w * np.exp(-rate * np.exp(-rate_log_sd * z) * q)))
+
+    lo, hi = math.log(1e-12 / rate), math.log(1e6 / rate)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if tail(math.exp(mid)) > 1 - prob else (lo, mid)
+    return math.exp(0.5 * (lo + hi))
+
+
+def _prior_conflict(
+    distance: np.ndarray, rate: float, rate_log_sd: float | None, stacklevel: int = 4
+) -> dict[str, float]:
+    r"""Compare the posterior of ``d`` with its PC prior; warn when they conflict.
+
+    Returns ``median_d``, ``q999`` (the prior's 0.999 quantile of ``d``), ``share_beyond``
+    (posterior share with ``d > q999``) and ``nats = λ · median_d``: how far the prior's log
+    density at the posterior median lies below its value at the base model ``d = 0``
+    (``log π(0) − log π(d) = λd``). Warns (:class:`pcbtl.priors.PriorDataConflictWarning`)
+    when the posterior median of ``d`` lies beyond ``q999``: a region the prior gave 0.1 %.
+    """
+    d = np.asarray(distance, np.float64).reshape(-1)
+    q999 = prior_distance_quantile(rate, 0.999, rate_log_sd)
+    med = float(np.median(d))
+    out = {
+        "median_d": med,
+        "q999": float(q999),
+        "share_beyond": float(np.mean(d > q999)),
+        "nats": float(rate * med),
+    }
+    if med > q999:
+        warnings.warn(
+            f"prior-data conflict: the posterior median of the distance d from the source model "
+            f"is {med:.3g} noise sds, beyond the PC prior's 0.999 quantile {q999:.3g} "
+            f"({out['share_beyond']:.0%} of the draws lie beyond it); the prior's log density "
+            f"there is {out['nats']:.1f} nats below its value at the source model "
+            f"(lambda = {rate:.3g}). The target differs from the source far more than "
+            "P(d > U) = alpha said: check that the source is relevant, state a larger U, or "
+            "let the data choose it (U_log_sd).",
+            PriorDataConflictWarning,
+            stacklevel=stacklevel,
+        )
+    return out
 
 
 class BayesianNetworkRegressor(PosteriorRegressor):
@@ -695,8 +913,8 @@ class BayesianNetworkRegressor(PosteriorRegressor):
         sigma_scale: float | None = None,
         num_warmup: int = 500,
         num_samples: int = 500,
-        num_chains: int = 1,
-        chain_method: str = "sequential",
+        num_chains: int = 4,
+        chain_method: str = "auto",
         seed: int = 0,
         max_tree_depth: int = 8,
         progress_bar: bool = True,
@@ -755,42 +973,21 @@ class BayesianNetworkRegressor(PosteriorRegressor):
         return init_to_median() if self.source is not None else init_to_sample()
 
     def fit(self, X: Any, y: Any) -> BayesianNetworkRegressor:
-        """Sample the posterior of the network weights and noise sd given ``(X, y)``."""
-        t0 = time.perf_counter()
-        X, y, tp, kwargs = self._prepare(X, y)
-        posterior = run_nuts(
-            bnn_model,
-            kwargs,
-            num_warmup=self.num_warmup,
-            num_samples=self.num_samples,
-            num_chains=self.num_chains,
-            chain_method=self.chain_method,
-            seed=self.seed,
-            max_tree_depth=self.max_tree_depth,
-            init_strategy=self._init_strategy(),
-            progress_bar=self.progress_bar,
-        )
-        return self._complete(posterior, X, y, tp, time.perf_counter() - t0)
+        """Sample the posterior of the network weights and noise sd given ``(X, y)``
+        (``num_chains`` NUTS chains in one job)."""
+        return self._fit_nuts(X, y)
 
     def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
-        """The fit split for :func:`pcbtl.methods.fit_replicates`."""
+        """The fit as a plan for :func:`pcbtl.inference.run_plans`."""
         t0 = time.perf_counter()
         X, y, tp, kwargs = self._prepare(X, y)
-        return BatchPlan(
-            model=bnn_model,
-            kwargs=kwargs,
-            complete=partial(self._complete, X=X, y=y, tp=tp),
-            num_warmup=self.num_warmup,
-            num_samples=self.num_samples,
-            seed=self.seed,
-            target_accept_prob=0.8,
-            max_tree_depth=self.max_tree_depth,
+        return self._plan(
+            bnn_model,
+            kwargs,
+            partial(self._complete, X=X, y=y, tp=tp),
             init_strategy=self._init_strategy(),
-            setup_seconds=time.perf_counter() - t0,
+            t0=t0,
         )
-
-    def _batchable(self) -> bool:
-        return self.num_chains == 1
 
     def _complete(self, posterior: Posterior, X, y, tp, seconds: float) -> BayesianNetworkRegressor:
         if not np.all(np.isfinite(posterior.samples["sigma"])):

@@ -1,4 +1,4 @@
-"""Sampler diagnostics: ESS, split R-hat, depth-limit share and the SamplerWarning."""
+"""Sampler diagnostics: ESS, split R-hat across chains, predictions, stuck chains, divergences."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_a_drifting_single_chain_is_caught_by_split_rhat():
     # of the chain disagree (split R-hat ≫ 1.1)
     rng = np.random.default_rng(2)
     drift = rng.standard_normal((1, 400)) + np.linspace(0.0, 4.0, 400)
-    with pytest.warns(SamplerWarning, match="split R-hat"):
+    with pytest.warns(SamplerWarning, match=r"R-hat up to .* one chain, judged as its two halves"):
         diag = check_sampler(_posterior(drift))
     assert diag["max_rhat"] > 1.1
 
@@ -56,3 +56,58 @@ def test_svi_draws_are_not_checked():
     assert check_sampler(post) == {}
     with pytest.raises(ValueError, match="NUTS"):
         sampler_diagnostics(post)
+
+
+def _chains_posterior(rng, chains=4, draws=200, shift=0.0, points=100, bad_points=0):
+    """iid draws of sigma and a 3-element weight site; predictions at ``points`` inputs of which
+    ``bad_points`` have the last chain offset by ``shift`` posterior sds."""
+    sigma = 1.0 + 0.1 * rng.standard_normal((chains, draws))
+    theta = rng.standard_normal((chains, draws, 3))
+    preds = rng.standard_normal((chains, draws, points))
+    preds[-1, :, :bad_points] += shift
+    return Posterior(samples={"sigma": sigma, "theta": theta}, method="nuts"), preds
+
+
+def test_chains_that_disagree_on_the_predictions_warn_with_the_share():
+    # 30 of 100 points: the last of 4 chains sits 2 sds off, which gives R-hat ≈ 1.3 there
+    # (between-chain variance 0.75 against within-chain 1), far past 1.1; the other 70 points
+    # are iid (R-hat 1 ± 0.01)
+    post, preds = _chains_posterior(np.random.default_rng(4), shift=2.0, bad_points=30)
+    with pytest.warns(SamplerWarning, match=r"R-hat > 1.05 at 30.0% of 100 reference inputs"):
+        diag = check_sampler(post, predictions=preds)
+    assert diag["prediction_share_rhat_above_1.05"] == pytest.approx(0.3)
+    assert diag["prediction_max_rhat"] > 1.2 and diag["chains"] == 4
+
+
+def test_weights_that_disagree_are_reported_but_agreeing_predictions_pass():
+    # chains in different (equivalent) weight modes: theta's chain means differ by 3 sds, so
+    # its R-hat is ~2; the predictions agree, so nothing is judged wrong
+    rng = np.random.default_rng(5)
+    post, preds = _chains_posterior(rng)
+    post.samples["theta"] = post.samples["theta"] + 3.0 * np.arange(4)[:, None, None]
+    diag = check_sampler(post, predictions=preds)  # warnings are errors here
+    assert diag["all_max_rhat"] > 1.5 and diag["all_worst"].startswith("theta[")
+    assert diag["all_share_rhat_above_1.1"] == pytest.approx(0.75)  # 3 of 4 elements
+    assert diag["prediction_max_rhat"] < 1.05 and diag["max_rhat"] < 1.05
+
+
+def test_a_stuck_chain_warns_whatever_the_number_of_draws():
+    # one of 4 chains keeps a single value (a collapsed step size; every transition
+    # divergent): its ESS and R-hat are meaningless, so it warns even at 40 draws per chain
+    post, _ = _chains_posterior(np.random.default_rng(6), draws=40)
+    for site in post.samples.values():
+        site[2] = site[2, :1]
+    with pytest.warns(SamplerWarning, match=r"chain\(s\) \[2\] of 4 did not move"):
+        diag = check_sampler(post)
+    assert diag["stuck_chains"] == [2]
+
+
+def test_divergences_above_one_percent_warn():
+    post, _ = _chains_posterior(np.random.default_rng(7), chains=2, draws=100)
+    div = np.zeros((2, 100), bool)
+    div[0, :2] = True  # 2 of 200 = 1 %: not above the limit
+    post.sample_stats["diverging"] = div
+    check_sampler(post)
+    div[1, :3] = True  # 5 of 200 = 2.5 %
+    with pytest.warns(SamplerWarning, match=r"5 of 200 transitions diverged \(2.5%\)"):
+        check_sampler(post)

@@ -227,7 +227,7 @@ def test_batching_covers_every_nuts_method_and_compiles_once(task, source):
         assert not supports_batching(
             make_method(name, source, **src_data) if "rf" in name else make_method(name, source)
         )
-    assert not supports_batching(make_method("pc-scale", source, num_chains=2))
+    assert supports_batching(make_method("pc-scale", source, num_chains=2))  # chains batch too
     assert not supports_batching(make_method("pc-last-layer", source, inference="svi"))
     data = [(task.X_target[:30], task.y_target[:30]), (task.X_target[30:60], task.y_target[30:60])]
     for name, opts in batchable.items():
@@ -240,7 +240,7 @@ def test_batching_covers_every_nuts_method_and_compiles_once(task, source):
             assert mean.shape == sd.shape == (50,) and np.all(np.isfinite(mean)) and np.all(sd > 0)
             assert est.fit_seconds_ > 0
     # the same model, settings and shapes again (new data and seeds): no new compilation
-    from pcbtl.methods import _batched_sampler
+    from pcbtl.inference.nuts import _batched_sampler
 
     opts = batchable["pc-scale"]
     runs = []
@@ -312,19 +312,19 @@ def test_batched_replicates_are_sharded_over_several_devices():
 def test_batched_sampler_progress_bar_follows_the_iterations(capsys):
     # one bar over warm-up + kept iterations, moved by host callbacks from the compiled loop;
     # it must end at the total and be closed (no bar left open for the next job)
-    from pcbtl.methods import _PROGRESS_BARS, run_nuts_batched
+    from pcbtl.inference.nuts import _PROGRESS_BARS, run_nuts_batched
 
     kws = _sharding_case()[:2]
     run_nuts_batched(
         pcbtl.models.last_layer_pc_model, kws, num_warmup=30, num_samples=20, progress_bar=True
     )
     err = capsys.readouterr().err
-    assert "50/50" in err and "NUTS, 2 chain(s) at once" in err
+    assert "50/50" in err and "NUTS, 1 chain(s) x 2 fits" in err
     assert not _PROGRESS_BARS
 
 
 def test_clear_caches_frees_the_compiled_samplers_and_fits_still_work():
-    from pcbtl.methods import _INIT_CACHE, _batched_sampler, run_nuts_batched
+    from pcbtl.inference.nuts import _INIT_CACHE, _batched_sampler, run_nuts_batched
 
     kws = _sharding_case()[:2]
     run = partial(run_nuts_batched, pcbtl.models.last_layer_pc_model, kws, num_warmup=20)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import csv
+import json
 import math
 from dataclasses import replace
 
@@ -17,10 +19,14 @@ from pcbtl.study import (
     QUICK,
     StudyConfig,
     grid_markdown,
+    headline_markdown,
     mixture_crps,
+    paired_differences,
     read_csv,
     replicate_seed,
     run_study,
+    summary_markdown,
+    write_csv,
 )
 
 
@@ -75,6 +81,132 @@ def test_grid_table_marks_the_best_rmse_per_column():
     # means over replicates; the column minimum in bold; a method missing from a column: "—"
     assert "| pc-scale | **0.205** (0.95) | — |" in text
     assert "| target-only | 0.300 (0.90) | **0.400** (0.93) |" in text
+
+
+def _rows(rmse_by_method, delta="1", n_target=50):
+    """Result rows of one setting: ``{method: [RMSE of replicate 0, 1, ...]}`` (None: no row)."""
+    out = []
+    for method, values in rmse_by_method.items():
+        for r, v in enumerate(values):
+            if v is None:
+                continue
+            other = {m: 0.5 for m in METRICS if m != "rmse"}
+            out.append(dict(covariate_shift=0.0, delta=delta, n_target=n_target, replicate=r,
+                            seed=r, method=method, rmse=v, **other, fit_seconds=1.0,
+                            batched=False, divergences=0, error=""))  # fmt: skip
+    return out
+
+
+#: ten replicates sharing a large replicate effect (an easy or a hard draw of the data: RMSE
+#: sd 0.05 across replicates, the same for every method), and ±1 signs for paired noise
+N_REP = 10
+SHARED = 0.3 + 0.05 * np.linspace(-1.5, 1.5, N_REP)
+SIGNS = np.array([1.0, -1.0] * (N_REP // 2))
+
+
+def _unpaired_tie(a, b):
+    """The rule this replaces: mean(a) − mean(b) within √(se_a² + se_b²)."""
+    se = [np.std(v, ddof=1) / math.sqrt(len(v)) for v in (a, b)]
+    return np.mean(a) - np.mean(b) <= math.hypot(*se)
+
+
+def test_paired_rule_separates_a_consistent_difference_that_the_unpaired_rule_calls_a_tie():
+    best = SHARED
+    # 0.01 worse in every replicate (paired noise 0.001), under a replicate effect of sd 0.05
+    behind = SHARED + 0.01 + 0.001 * SIGNS
+    # the construction: the unpaired rule would call this a tie (se of each mean ≈ 0.016)
+    assert _unpaired_tie(behind, best)
+    rows = _rows({"pc-scale": best, "difference-bnn": behind})
+    comp = paired_differences(rows)[(0.0, "1", 50)]
+    assert comp["pc-scale"].is_best and comp["pc-scale"].tied
+    d = comp["difference-bnn"]
+    assert d.best == "pc-scale" and d.n == d.n_method == d.n_best == N_REP
+    assert d.mean == pytest.approx(0.01, abs=1e-12)
+    # sd of the differences / √n: the replicate effect cancels
+    assert d.se == pytest.approx(0.001 * math.sqrt(N_REP / (N_REP - 1)) / math.sqrt(N_REP))
+    assert not d.tied
+    table = headline_markdown(rows)
+    assert "| pc-scale | 1.0 | 1/1 |" in table
+    assert "| difference-bnn | 2.0 | 0/1 |" in table
+    assert "paired standard error" in table and "all 10 replicate(s)" in table
+
+
+def test_paired_rule_calls_a_genuinely_noisy_difference_a_tie():
+    best = SHARED
+    # 0.005 worse on average, but ±0.05 from replicate to replicate: paired se ≈ 0.017
+    noisy = SHARED + 0.005 + 0.05 * SIGNS
+    rows = _rows({"pc-scale": best, "target-only": noisy})
+    d = paired_differences(rows)[(0.0, "1", 50)]["target-only"]
+    assert d.mean == pytest.approx(0.005, abs=1e-12)
+    assert d.se == pytest.approx(0.05 / math.sqrt(N_REP - 1))
+    assert d.tied
+    assert "| target-only | 2.0 | 1/1 |" in headline_markdown(rows)
+    # the one-paired-se threshold itself: a difference of 1.2 paired se is not a tie
+    beyond = SHARED + 1.2 * 0.05 / math.sqrt(N_REP - 1) + 0.05 * SIGNS
+    comp = paired_differences(_rows({"pc-scale": best, "target-only": beyond}))
+    assert not comp[(0.0, "1", 50)]["target-only"].tied
+
+
+def test_paired_rule_pairs_only_shared_replicates_and_is_pure():
+    best = list(SHARED)
+    behind = list(SHARED + 0.01 + 0.001 * SIGNS)
+    noisy = list(SHARED + 0.005 + 0.05 * SIGNS)
+    best[9] = None  # the best method lacks replicate 9
+    behind[3] = None  # difference-bnn lacks replicate 3
+    noisy[0] = float("nan")  # a failed fit (NaN metrics, as the runner records it)
+    rows = _rows({"pc-scale": best, "difference-bnn": behind, "target-only": noisy})
+    before = copy.deepcopy(rows)
+    comp = paired_differences(rows)[(0.0, "1", 50)]
+    assert repr(rows) == repr(before)  # pure (repr: NaN == NaN)
+    assert comp["pc-scale"].n == 9
+    d = comp["difference-bnn"]
+    assert (d.n, d.n_method, d.n_best) == (8, 9, 9)  # replicates 0-2, 4-8
+    shared = [0, 1, 2, 4, 5, 6, 7, 8]
+    diffs = np.array([behind[r] - best[r] for r in shared])
+    assert d.mean == pytest.approx(diffs.mean())
+    assert d.se == pytest.approx(diffs.std(ddof=1) / math.sqrt(8))
+    assert (comp["target-only"].n, comp["target-only"].n_method) == (8, 9)  # 1-8
+    text = summary_markdown(rows, env=_ENV)
+    assert "2 of 2 comparisons with the best pair fewer than 9 replicates" in text
+    assert "(n = 8)" in text
+    assert [ln for ln in text.splitlines() if ln.startswith("| pc-scale | 0.")][0].count("best")
+
+
+def test_single_replicate_cannot_call_a_tie():
+    rows = _rows({"pc-scale": [0.30], "difference-bnn": [0.30001]})
+    comp = paired_differences(rows)[(0.0, "1", 50)]
+    assert comp["pc-scale"].tied  # the best is always "best or tied"
+    d = comp["difference-bnn"]
+    assert d.n == 1 and math.isnan(d.se) and not d.tied
+    text = summary_markdown(rows, env=_ENV)
+    assert "| difference-bnn | 2.0 | 0/1 |" in text
+    assert "1 pair: no se, no tie called" in text
+    assert "1 comparison(s) have fewer than 2 shared replicates" in text
+
+
+def test_paired_rule_refuses_duplicate_replicates_and_other_metrics():
+    rows = _rows({"pc-scale": [0.3, 0.31]})
+    with pytest.raises(ValueError, match="twice"):
+        paired_differences(rows + rows[:1])
+    with pytest.raises(ValueError, match="metric"):
+        paired_differences(rows, metric="coverage95")
+
+
+_ENV = {"date": "2000-01-01", "pcbtl": "x", "jax": "x", "numpyro": "x",
+        "scikit-learn": "x", "machine": "recorded machine"}  # fmt: skip
+
+
+def test_summary_is_rewritten_from_a_finished_study(tmp_path):
+    rows = _rows({"pc-scale": SHARED, "difference-bnn": SHARED + 0.01 + 0.001 * SIGNS})
+    write_csv(rows, tmp_path / "results.csv")
+    cfg = {"config": {"n_replicates": N_REP, "methods": ["pc-scale", "difference-bnn"]},
+           **_ENV, "elapsed_seconds": 600.0}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert main(["simulate", "--summary-only", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "summary.md").read_text()
+    # the recorded run, not this process: date, machine and run time from config.json
+    assert "2000-01-01" in text and "recorded machine" in text and "10.0 min" in text
+    assert "| difference-bnn | 2.0 | 0/1 |" in text and "+0.0100 ± 0.0003 |" in text
 
 
 def test_config_validation():

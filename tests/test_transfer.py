@@ -144,8 +144,8 @@ def test_inference_data_groups_and_shapes(task, fitted):
     ):
         assert hasattr(idata, group), group
     n = len(task.y_target)
-    assert idata.log_likelihood["y"].shape == (1, 250, n)
-    assert idata.posterior_predictive["y"].shape == (1, 250, n)
+    assert idata.log_likelihood["y"].shape == (4, 250, n)  # 4 chains by default
+    assert idata.posterior_predictive["y"].shape == (4, 250, n)
     np.testing.assert_array_equal(idata.observed_data["y"].values, task.y_target)
     assert {"sigma", "distance", "beta"} <= set(idata.posterior.data_vars)
     assert {"diverging", "tree_depth", "lp", "step_size"} <= set(idata.sample_stats.data_vars)
@@ -167,14 +167,14 @@ def test_prediction_api(task, fitted):
     lo50, hi50 = fitted.predict_interval(task.X_test, level=0.5)
     assert np.all(lo < lo50) and np.all(hi50 < hi)
     draws = fitted.sample_posterior_predictive(task.X_test[:7], seed=1)
-    assert draws.shape == (250, 7)
+    assert draws.shape == (1000, 7)
     # interval endpoints are the mixture quantiles: ~5% of predictive draws fall below lo
     many = np.concatenate(
         [fitted.sample_posterior_predictive(task.X_test[:7], seed=s) for s in range(40)]
     )
     below = np.mean(many < lo[:7], axis=0)
     assert np.all(np.abs(below - 0.05) < 0.02)  # 10,000 draws: binomial sd 0.0022
-    assert fitted.distance_.shape == (250,)
+    assert fitted.distance_.shape == (1000,)
     with pytest.raises(ValueError, match="level"):
         fitted.predict_interval(task.X_test, level=1.5)
     with pytest.raises(ValueError, match="X has 4 features"):

@@ -1,0 +1,50 @@
+"""Posterior sampling: model + keyword arguments → posterior draws, diagnostics, ArviZ.
+
+This layer knows NumPyro models, not estimators. :func:`run_nuts_batched` samples one or many
+fits of a model with several chains each in one compiled program (what every NUTS estimator of
+pcbtl uses); :func:`run_nuts` wraps NumPyro's ``MCMC``; :func:`run_svi` fits an autoguide;
+:func:`sampler_diagnostics` and :func:`check_sampler` judge NUTS draws across chains, over every
+site and over predictions; :func:`to_inference_data` writes ArviZ ``InferenceData``.
+"""
+
+from pcbtl.inference.convert import make_log_density, to_inference_data
+from pcbtl.inference.diagnostics import (
+    SamplerWarning,
+    check_sampler,
+    rhat_ess,
+    sampler_diagnostics,
+)
+from pcbtl.inference.nuts import (
+    CHAIN_METHODS,
+    chain_keys,
+    clear_caches,
+    plan_key,
+    resolve_chain_method,
+    run_nuts,
+    run_nuts_batched,
+    run_plans,
+)
+from pcbtl.inference.posterior import BatchPlan, Posterior, concatenate_chains
+from pcbtl.inference.svi import GUIDES, run_svi
+
+__all__ = [
+    "CHAIN_METHODS",
+    "GUIDES",
+    "BatchPlan",
+    "Posterior",
+    "SamplerWarning",
+    "chain_keys",
+    "check_sampler",
+    "clear_caches",
+    "concatenate_chains",
+    "make_log_density",
+    "plan_key",
+    "resolve_chain_method",
+    "rhat_ess",
+    "run_nuts",
+    "run_nuts_batched",
+    "run_plans",
+    "run_svi",
+    "sampler_diagnostics",
+    "to_inference_data",
+]
