@@ -101,6 +101,7 @@ def run(s: dict) -> list[tuple[str, float, str]]:
             kw,
             num_warmup=s["warmup"],
             num_samples=s["samples"],
+            num_chains=1,  # one chain per replicate, as in the vmapped job
             seed=r,
             init_strategy=init_to_median(num_samples=15),
             progress_bar=False,

@@ -306,6 +306,10 @@ class FineTuneRegressor(GaussianPredictive):
             raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay!r}")
         X, y = check_Xy(X, y, n_features=src.n_features, min_rows=4)
         t0 = time.perf_counter()
+        # fit in standardised label units (the source mapped to them), outputs mapped back
+        loc, scale = PosteriorRegressor._label_scaling(y)
+        y = (y - loc) / scale
+        src = src.rescaled(loc, scale)
         rng = np.random.default_rng(self.seed)
         n = X.shape[0]
         n_val = min(max(2, int(round(self.validation_fraction * n))), n - 2)
@@ -331,16 +335,18 @@ class FineTuneRegressor(GaussianPredictive):
         params, _ = run(params0, Xj, yj, jnp.ones(n, jnp.float32), w_val, steps)
         self.params_ = jax.device_get(params)
         self._apply = jax.jit(src.apply)
+        self.y_affine_ = (loc, scale)
         self.best_step_ = int(steps)
-        self.residual_sd_ = float(math.sqrt(best))
-        self.validation_curve_ = val_curve
+        self.residual_sd_ = float(math.sqrt(best)) * scale
+        self.validation_curve_ = val_curve * scale**2  # validation MSE in the units of y²
         self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
     def _predict_gaussian(self, X):
+        loc, scale = self.y_affine_
         mu = np.asarray(self._apply(self.params_, jnp.asarray(X, jnp.float32)), np.float64)
-        return mu, np.full_like(mu, self.residual_sd_)
+        return loc + scale * mu, np.full_like(mu, self.residual_sd_)
 
 
 def _finetune_runner(source: SourceModel, lr: float, weight_decay: float, max_steps: int):
@@ -442,17 +448,22 @@ class BayesianLastLayerRegressor(PosteriorRegressor):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
         X, y = check_Xy(X, y, n_features=src.n_features, min_rows=2)
+        affine = self._label_scaling(y)
+        y = (y - affine[0]) / affine[1]
+        src = src.rescaled(*affine)
         beta_s = src.head()
         p = beta_s.shape[0]
-        tau_scale = self.tau_scale if self.tau_scale is not None else src.y_scale / math.sqrt(p)
-        sigma_scale = self.sigma_scale if self.sigma_scale is not None else src.y_scale
+        tau_scale = (
+            self.tau_scale / affine[1] if self.tau_scale is not None else src.y_scale / math.sqrt(p)
+        )
+        sigma_scale = self.sigma_scale / affine[1] if self.sigma_scale is not None else src.y_scale
         kwargs = dict(
             beta_source=jnp.asarray(beta_s, jnp.float32),
             tau_scale=float(tau_scale),
             sigma_scale=float(sigma_scale),
             stats=last_layer_sufficient_stats(_with_bias(src.features(X)), y, beta_s),
         )
-        return X, y, kwargs
+        return X, y, kwargs, affine
 
     def fit(self, X: Any, y: Any) -> BayesianLastLayerRegressor:
         """Sample ``(σ, τ, β)`` given ``(X, y)`` (``num_chains`` NUTS chains in one job)."""
@@ -460,29 +471,30 @@ class BayesianLastLayerRegressor(PosteriorRegressor):
 
     def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
         t0 = time.perf_counter()
-        X, y, kwargs = self._prepare(X, y)
+        X, y, kwargs, affine = self._prepare(X, y)
         return self._plan(
             bayes_last_layer_model,
             kwargs,
-            partial(self._complete, X=X, y=y),
+            partial(self._complete, X=X, y=y, affine=affine),
             init_strategy=init_to_median(num_samples=15),
             t0=t0,
         )
 
-    def _complete(self, posterior: Posterior, X, y, seconds: float):
+    def _complete(self, posterior: Posterior, X, y, seconds: float, affine=(0.0, 1.0)):
         if not np.all(np.isfinite(posterior.samples["sigma"])):
             raise FloatingPointError("non-finite posterior draws of sigma; fit failed")
-        self.idata_ = self._finish(posterior, X, y, None)
+        self.idata_ = self._finish(posterior, X, y, None, affine=affine)
+        self.y_affine_ = affine
         self._state = None
         self.posterior_ = posterior
-        self.tau_ = posterior.flat("tau")
+        self.tau_ = posterior.flat("tau") * affine[1]
         self.n_features_in_ = X.shape[1]
         self.num_divergences_ = posterior.num_divergences
         self.fit_seconds_ = seconds
         return self
 
     def _posterior_means_from(self, posterior, X, state):
-        Phi = _with_bias(self.source.features(X))
+        Phi = _with_bias(self.source.features(X))  # features do not depend on the label scale
         return (Phi @ posterior.flat("beta").T.astype(np.float64)).T
 
 

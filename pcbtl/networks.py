@@ -16,7 +16,7 @@ import json
 import math
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -165,6 +165,29 @@ class SourceModel:
         w = np.asarray(self.params["output"]["kernel"], dtype=np.float64)[:, 0]
         b = float(np.asarray(self.params["output"]["bias"])[0])
         return np.concatenate([self.y_scale * w, [self.y_scale * b + self.y_mean]])
+
+    def rescaled(self, loc: float, scale: float) -> SourceModel:
+        r"""The same network predicting ``(g_S(x) − loc)/scale``: labels standardised by the
+        target's ``(loc, scale)``.
+
+        Only the output scalings change, ``m_y ← (m_y − loc)/scale``, ``s_y ← s_y/scale`` (and
+        ``σ_S ← σ_S/scale``); weights, features and reference inputs are shared. Estimators fit
+        in these units, so that labels at ``10⁶`` or ``10⁻⁶`` meet the same float32 arithmetic
+        as labels near 1, and the PC distance ``d = RMS(g_T − g_S)/σ`` is unchanged by it.
+        """
+        loc, scale = float(loc), float(scale)
+        if not (np.isfinite(loc) and np.isfinite(scale) and scale > 0):
+            raise ValueError(
+                f"rescaled needs a finite loc and a positive scale, got {loc}, {scale}"
+            )
+        if loc == 0.0 and scale == 1.0:
+            return self
+        return replace(
+            self,
+            y_mean=(self.y_mean - loc) / scale,
+            y_scale=self.y_scale / scale,
+            noise_sd=self.noise_sd / scale,
+        )
 
     # ---- persistence -----------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -216,50 +216,94 @@ class PosteriorRegressor:
 
     @property
     def sigma_draws_(self) -> np.ndarray:
+        """Posterior draws of the noise sd ``σ`` in the units of ``y``."""
         self._check_fitted()
-        return self.posterior_.flat("sigma")
+        return self.posterior_.flat("sigma") * self._affine[1]
+
+    # ---- label scale ---------------------------------------------------------------------
+    @staticmethod
+    def _label_scaling(y: np.ndarray) -> tuple[float, float]:
+        """``(loc, scale)`` = mean and sd of the labels (scale 1 for constant labels): the fit
+        runs on ``(y − loc)/scale`` and every output is mapped back."""
+        loc, scale = float(np.mean(y)), float(np.std(y))
+        return loc, (scale if np.isfinite(scale) and scale > 0 else 1.0)
+
+    @property
+    def _affine(self) -> tuple[float, float]:
+        return getattr(self, "y_affine_", (0.0, 1.0))
 
     def _means(self, X: Any) -> np.ndarray:
+        """Draws of the mean function at ``X`` in the units of ``y``, shape ``(S, n)``."""
+        loc, scale = self._affine
+        return loc + scale * self._internal_means(X)
+
+    def _internal_means(self, X: Any) -> np.ndarray:
         self._check_fitted()
         X = check_X(X, "X", n_features=self.n_features_in_)
-        return self._posterior_means(X)
+        return np.asarray(self._posterior_means(X), np.float64)
+
+    @property
+    def _internal_sigma(self) -> np.ndarray:
+        return self.sigma_draws_ / self._affine[1]
 
     def predict(self, X: Any, return_std: bool = False):
         """Posterior predictive mean; with ``return_std`` also the predictive sd
         ``sqrt(Var_s g_s(x) + E_s σ_s²)`` (epistemic plus noise)."""
-        means = self._means(X)
-        mu = means.mean(axis=0)
+        loc, scale = self._affine
+        means = self._internal_means(X)
+        mu = loc + scale * means.mean(axis=0)
         if not return_std:
             return mu
-        sd = np.sqrt(means.var(axis=0) + np.mean(self.sigma_draws_**2))
+        sd = scale * np.sqrt(means.var(axis=0) + np.mean(self._internal_sigma**2))
         return mu, sd
 
     def predict_interval(self, X: Any, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """Central ``level`` posterior predictive interval ``(lower, upper)`` for each row of ``X``:
-        exact quantiles of the Gaussian mixture over posterior draws (no sampling noise)."""
+        exact quantiles of the Gaussian mixture over posterior draws (no sampling noise),
+        found in the standardised label units of the fit and mapped back."""
         level = check_probability(level, "level")
-        means = self._means(X)
+        loc, scale = self._affine
+        means = self._internal_means(X)
         a = (1.0 - level) / 2.0
         q = _mixture_quantiles(
             jnp.asarray(means, jnp.float32),
-            jnp.asarray(self.sigma_draws_, jnp.float32),
+            jnp.asarray(self._internal_sigma, jnp.float32),
             jnp.array([a, 1 - a]),
         )
-        return np.asarray(q[0]), np.asarray(q[1])
+        q = np.asarray(q, np.float64)
+        return loc + scale * q[0], loc + scale * q[1]
 
     def sample_posterior_predictive(self, X: Any, seed: int = 0) -> np.ndarray:
         """One draw ``y ~ N(g_s(x), σ_s²)`` per posterior draw ``s``: array ``(S, n)``."""
-        means = self._means(X)
+        loc, scale = self._affine
+        means = self._internal_means(X)
         noise = np.random.default_rng(seed).standard_normal(means.shape)
-        return means + self.sigma_draws_[:, None] * noise
+        return loc + scale * (means + self._internal_sigma[:, None] * noise)
 
-    def _finish(self, posterior: Posterior, X, y, state, drop=(), attrs=None, chunk=4096):
+    def _finish(
+        self,
+        posterior: Posterior,
+        X,
+        y,
+        state,
+        drop=(),
+        attrs=None,
+        chunk=4096,
+        affine: tuple[float, float] = (0.0, 1.0),
+    ):
         """Posterior-predictive and log-likelihood groups at the training rows, and idata.
 
-        Evaluated ``chunk`` rows at a time into float32 arrays, so a 100,000-row target does not
-        hold float64 ``(S, n)`` temporaries: ``log N(y_i | g_s(x_i), σ_s²)`` and one predictive
-        draw per posterior draw and row.
+        ``y`` and the draws are in the standardised units of the fit, ``(y − loc)/scale`` with
+        ``affine = (loc, scale)``; the ArviZ groups are in the units of the labels:
+        ``log N(y_i | g_s(x_i), σ_s²)`` (which is the standardised one minus ``log scale``),
+        one predictive draw per posterior draw and row, ``σ`` (and the last-layer ``β``,
+        bias last) mapped back; the network weights stay as sampled (their output layer is
+        followed by ``loc + scale ·``, recorded in the posterior's attributes ``y_loc`` and
+        ``y_scale``). Evaluated ``chunk`` rows at a time into float32 arrays (float64 when the
+        labels sit far from 0 relative to their spread), so a 100,000-row target does not
+        hold float64 ``(S, n)`` temporaries.
         """
+        loc, scale = affine
         chains, draws = posterior.samples["sigma"].shape[:2]
         if posterior.method == "nuts":
             Xd = self._diagnostic_inputs(X, state)
@@ -272,24 +316,33 @@ class PosteriorRegressor:
             )
         sig = posterior.flat("sigma").astype(np.float64)
         n = X.shape[0]
+        out_dtype = np.float64 if abs(loc) > 1e3 * scale else np.float32
         loglik = np.empty((sig.shape[0], n), np.float32)
-        pp = np.empty((sig.shape[0], n), np.float32)
+        pp = np.empty((sig.shape[0], n), out_dtype)
         rng = np.random.default_rng(0)
-        log_norm = np.log(sig)[:, None] + 0.5 * np.log(2 * np.pi)
+        log_norm = np.log(sig * scale)[:, None] + 0.5 * np.log(2 * np.pi)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
             means = self._posterior_means_from(posterior, X[rows], state)  # (S, chunk)
             z = (y[rows] - means) / sig[:, None]
             loglik[:, rows] = -0.5 * z**2 - log_norm
-            pp[:, rows] = means + sig[:, None] * rng.standard_normal(means.shape)
+            pp[:, rows] = loc + scale * (means + sig[:, None] * rng.standard_normal(means.shape))
         shape = (chains, draws, n)
+        samples = dict(posterior.samples)
+        samples["sigma"] = samples["sigma"] * scale
+        if "beta" in samples:
+            beta = samples["beta"] * scale
+            beta[..., -1] += loc
+            samples["beta"] = beta
         return to_inference_data(
-            posterior,
+            Posterior(
+                samples=samples, sample_stats=posterior.sample_stats, method=posterior.method
+            ),
             log_likelihood=loglik.reshape(shape),
             posterior_predictive=pp.reshape(shape),
-            observed=y,
+            observed=loc + scale * np.asarray(y, np.float64),
             drop=drop,
-            attrs=attrs,
+            attrs={**(attrs or {}), "y_loc": float(loc), "y_scale": float(scale)},
         )
 
 
@@ -512,33 +565,50 @@ class PCTransferRegressor(PosteriorRegressor):
         return float(self.sigma_scale) if self.sigma_scale is not None else self.source.y_scale
 
     def _setup(
-        self, X: np.ndarray | None, y: np.ndarray | None = None, tau_reach: float = 0.0
+        self,
+        X: np.ndarray | None,
+        y: np.ndarray | None = None,
+        tau_reach: float = 0.0,
+        affine: tuple[float, float] = (0.0, 1.0),
     ) -> dict[str, Any]:
         """Everything the prior needs: the reference inputs, and for the scale prior the grid of
         ``r(τ)``, whose fine part is sized from the source's residual sd on ``(X, y)`` (a
-        guess of the fitted ``σ``) and which reaches at least ``tau_reach``."""
+        guess of the fitted ``σ``) and which reaches at least ``tau_reach``. ``y`` is in the
+        standardised units ``(y − loc)/scale`` of ``affine``; the source (``setup["source"]``)
+        and ``sigma_scale`` are mapped to them."""
         t0 = time.perf_counter()
-        setup = self._setup_prior(X, y, tau_reach)
+        setup = self._setup_prior(X, y, tau_reach, affine)
         setup["seconds"] = time.perf_counter() - t0
         return setup
 
     def _setup_prior(
-        self, X: np.ndarray | None, y: np.ndarray | None = None, tau_reach: float = 0.0
+        self,
+        X: np.ndarray | None,
+        y: np.ndarray | None = None,
+        tau_reach: float = 0.0,
+        affine: tuple[float, float] = (0.0, 1.0),
     ) -> dict[str, Any]:
         rate = pc_rate(self.U, self.alpha)
         Xref = self._reference(X)
-        setup: dict[str, Any] = {"rate": rate, "sigma_scale": self._sigma_scale(), "Xref": Xref}
+        src = self.source.rescaled(*affine)
+        setup: dict[str, Any] = {
+            "rate": rate,
+            "sigma_scale": self._sigma_scale() / affine[1],
+            "Xref": Xref,
+            "source": src,
+            "affine": affine,
+        }
         if self.prior == "last_layer":
-            Phi_ref = _with_bias(self.source.features(Xref))
+            Phi_ref = _with_bias(src.features(Xref))
             gram = reference_gram(Phi_ref)
             setup.update(
-                beta_source=jnp.asarray(self.source.head(), jnp.float32),
+                beta_source=jnp.asarray(src.head(), jnp.float32),
                 chol_G=jnp.asarray(gram.chol, jnp.float32),
                 ridge=gram.ridge,
                 Phi_ref=Phi_ref,
             )
         else:
-            tp = transfer_parametrization(self.source, self._layers_arg(), scale=self.scale)
+            tp = transfer_parametrization(src, self._layers_arg(), scale=self.scale)
             rng = np.random.default_rng(self.seed)
             if Xref.shape[0] > self.max_reference:
                 Xref_c = Xref[rng.choice(Xref.shape[0], self.max_reference, replace=False)]
@@ -547,7 +617,7 @@ class PCTransferRegressor(PosteriorRegressor):
             low_rate = rate if self.U_log_sd is None else rate * math.exp(-2 * self.U_log_sd)
             sigma_fine = 0.674 * setup["sigma_scale"]  # the prior median of σ
             if X is not None and y is not None:
-                resid = float(np.sqrt(np.mean((y - self.source.predict(X)) ** 2)))
+                resid = float(np.sqrt(np.mean((y - src.predict(X)) ** 2)))
                 if np.isfinite(resid) and resid > 0:
                     sigma_fine = min(resid, setup["sigma_scale"])
             curve = _fit_distance_curve(
@@ -574,7 +644,7 @@ class PCTransferRegressor(PosteriorRegressor):
             stats = None
             if X is not None:
                 stats = last_layer_sufficient_stats(
-                    _with_bias(self.source.features(X)), y, setup["beta_source"]
+                    _with_bias(setup["source"].features(X)), y, setup["beta_source"]
                 )
             return dict(
                 beta_source=setup["beta_source"], chol_G=setup["chol_G"], stats=stats, **common
@@ -603,7 +673,9 @@ class PCTransferRegressor(PosteriorRegressor):
         self._check_params()
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
-        setup = self._setup(X)
+        affine = self._label_scaling(y)
+        y = (y - affine[0]) / affine[1]
+        setup = self._setup(X, y, affine=affine)
         posterior = run_svi(
             self._model(),
             self._model_kwargs(setup, X, y),
@@ -646,7 +718,9 @@ class PCTransferRegressor(PosteriorRegressor):
         self._check_params()
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
-        setup = self._setup(X, y, tau_reach)
+        affine = self._label_scaling(y)
+        y = (y - affine[0]) / affine[1]
+        setup = self._setup(X, y, tau_reach, affine)
         return self._plan(
             self._model(),
             self._model_kwargs(setup, X, y),
@@ -678,13 +752,15 @@ class PCTransferRegressor(PosteriorRegressor):
             setup,
             drop=("eps", "theta") if self.prior == "scale" else (),
             attrs={"pcbtl_prior": self.prior, "U": float(self.U), "alpha": float(self.alpha)},
+            affine=setup["affine"],
         )
         self._state = setup
         self.posterior_ = posterior
         self.idata_ = idata
         self.distance_ = posterior.flat("distance")
         self.rate_ = setup["rate"]
-        self.sigma_scale_ = setup["sigma_scale"]
+        self.sigma_scale_ = setup["sigma_scale"] * setup["affine"][1]
+        self.y_affine_ = setup["affine"]
         self.reference_size_ = int(setup["Xref"].shape[0])
         self.prior_seconds_ = setup["seconds"]
         self.n_features_in_ = X.shape[1]
@@ -705,7 +781,7 @@ class PCTransferRegressor(PosteriorRegressor):
         subsample of the reference inputs."""
         Xd = self._diagnostic_inputs(setup["Xref"], setup)
         means = np.asarray(self._posterior_means_from(posterior, Xd, setup), np.float64)
-        g_s = np.asarray(self.source.predict(Xd), np.float64)
+        g_s = np.asarray(setup["source"].predict(Xd), np.float64)
         rms = np.sqrt(np.mean((means - g_s[None, :]) ** 2, axis=1))
         return rms / posterior.flat("sigma").astype(np.float64)
 
@@ -716,7 +792,7 @@ class PCTransferRegressor(PosteriorRegressor):
 
     def _posterior_means_from(self, posterior: Posterior, X: np.ndarray, setup: Any) -> np.ndarray:
         if self.prior == "last_layer":
-            Phi = _with_bias(self.source.features(X))
+            Phi = _with_bias(setup["source"].features(X))
             return (Phi @ posterior.flat("beta").T.astype(np.float64)).T
         tp = setup["tp"]
         if "theta" in posterior.samples:
@@ -733,7 +809,10 @@ class PCTransferRegressor(PosteriorRegressor):
         self._check_fitted()
         if self.prior != "last_layer":
             raise AttributeError("beta_ exists only for prior='last_layer'")
-        return self.posterior_.flat("beta")
+        loc, scale = self._affine
+        beta = self.posterior_.flat("beta").astype(np.float64) * scale
+        beta[:, -1] += loc
+        return beta
 
     # ---- the prior ---------------------------------------------------------------------------
     def prior_distance_samples(self, n: int = 1000, seed: int = 0) -> np.ndarray:
@@ -955,10 +1034,18 @@ class BayesianNetworkRegressor(PosteriorRegressor):
         check_positive(self.prior_scale, "prior_scale")
         nf = None if self.source is None else self.source.n_features
         X, y = check_Xy(X, y, n_features=nf, min_rows=2)
+        affine = self._label_scaling(y)
+        y = (y - affine[0]) / affine[1]
         net = self._network(X, y)
+        if self.source is not None:
+            net = net.rescaled(*affine)
         tp = transfer_parametrization(net, "all", scale="fan_in")
         loc = tp.theta_source if self.source is not None else jnp.zeros_like(tp.theta_source)
-        sigma_scale = self.sigma_scale if self.sigma_scale is not None else net.y_scale
+        if self.sigma_scale is not None:
+            check_positive(self.sigma_scale, "sigma_scale")
+            sigma_scale = self.sigma_scale / affine[1]
+        else:
+            sigma_scale = net.y_scale
         kwargs = dict(
             predict_fn=tp.predict_fn,
             loc=loc,
@@ -967,7 +1054,7 @@ class BayesianNetworkRegressor(PosteriorRegressor):
             X=jnp.asarray(X, jnp.float32),
             y=jnp.asarray(y, jnp.float32),
         )
-        return X, y, tp, kwargs
+        return X, y, tp, kwargs, affine
 
     def _init_strategy(self) -> Callable:
         return init_to_median() if self.source is not None else init_to_sample()
@@ -980,19 +1067,22 @@ class BayesianNetworkRegressor(PosteriorRegressor):
     def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
         """The fit as a plan for :func:`pcbtl.inference.run_plans`."""
         t0 = time.perf_counter()
-        X, y, tp, kwargs = self._prepare(X, y)
+        X, y, tp, kwargs, affine = self._prepare(X, y)
         return self._plan(
             bnn_model,
             kwargs,
-            partial(self._complete, X=X, y=y, tp=tp),
+            partial(self._complete, X=X, y=y, tp=tp, affine=affine),
             init_strategy=self._init_strategy(),
             t0=t0,
         )
 
-    def _complete(self, posterior: Posterior, X, y, tp, seconds: float) -> BayesianNetworkRegressor:
+    def _complete(
+        self, posterior: Posterior, X, y, tp, seconds: float, affine=(0.0, 1.0)
+    ) -> BayesianNetworkRegressor:
         if not np.all(np.isfinite(posterior.samples["sigma"])):
             raise FloatingPointError("non-finite posterior draws of sigma; fit failed")
-        idata = self._finish(posterior, X, y, tp)
+        idata = self._finish(posterior, X, y, tp, affine=affine)
+        self.y_affine_ = affine
         self._state = tp
         self.posterior_ = posterior
         self.idata_ = idata

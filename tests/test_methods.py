@@ -105,6 +105,40 @@ def test_every_method_shares_the_estimator_interface(name, task, source):
         est.predict_interval(Xt, level=1.5)
 
 
+@pytest.mark.parametrize("name", EXPECTED)
+def test_every_method_is_equivariant_to_the_units_of_the_labels(name, task, source):
+    # the whole problem in other units, y -> a + b y (source labels too, so the source network
+    # becomes a + b g_S), must give a + b times the predictions: every estimator fits on
+    # standardised labels. Labels at 1e6 (offset or scale) and at 1e-6 defeat float32 without
+    # that: the last-layer statistics cancel catastrophically and the networks sit at zero.
+    # The standardised problems agree up to float rounding, which can move NUTS onto another
+    # path, so the posterior means are compared with a tolerance of 0.05 (a quarter of the
+    # noise sd; the Monte Carlo error of 2 x 60 draws is ~0.01 for these small posteriors).
+    X, y = task.X_target[:40], task.y_target[:40]
+    Xt = task.X_test[:50]
+    opts = {**OPTIONS[name], **_seeded(name, 5)}
+    if "num_warmup" in opts:
+        opts.update(num_warmup=60, num_samples=60, num_chains=2)
+    if name.startswith(("multitask-", "difference-", "latent-")) and "rf" in name:
+        opts.update(source_X=task.X_source[:300], source_y=task.y_source[:300])
+    base = make_method(name, source, **opts).fit(X, y)
+    mu0, sd0 = base.predict(Xt, return_std=True)
+    lo0, hi0 = base.predict_interval(Xt)
+    for a, b in ((1e7, 1.0), (1e6, 1e6), (0.0, 1e-6)):
+        src = source.rescaled(-a / b, 1.0 / b)  # predicts a + b g_S
+        o = dict(opts)
+        if "source_y" in o:
+            o["source_y"] = a + b * o["source_y"]
+        est = make_method(name, src, **o).fit(X, a + b * y)
+        mu, sd = est.predict(Xt, return_std=True)
+        lo, hi = est.predict_interval(Xt)
+        err = np.sqrt(np.mean(((mu - a) / b - mu0) ** 2))
+        assert err < 0.05, (name, a, b, err)
+        np.testing.assert_allclose(sd / b, sd0, rtol=0.2, err_msg=f"{name} {a} {b}")
+        width = np.mean((hi - lo) / b) / np.mean(hi0 - lo0)
+        assert 0.8 < width < 1.25, (name, a, b, width)
+
+
 def test_difference_with_a_perfect_source_learns_a_zero_correction(task, source):
     # target labels are the source network's own predictions plus N(0, 0.2²) noise, so the true
     # correction is exactly 0. A Bayesian network fitted to 60 rows of pure noise has a posterior
