@@ -2,7 +2,9 @@ r"""Kullback–Leibler divergences between predictive distributions, closed form
 
 The PC prior's distance is ``d = sqrt(2 KL)`` with
 
-    KL(ξ) = E_{x~Q} KL( p_T(·|x, ξ) || p_S(·|x) )
+.. math::
+
+    \mathrm{KL}(ξ) = E_{x\sim Q}\,\mathrm{KL}\big(p_T(\cdot\mid x, ξ)\,\|\,p_S(\cdot\mid x)\big)
 
 averaged over reference inputs ``x̃_1..x̃_m ~ Q``. This module gives the per-``x`` KL in closed
 form (Gaussian, Bernoulli, categorical), Monte Carlo estimators over ``y`` where no closed form
@@ -19,6 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 __all__ = [
     "gaussian_kl",
@@ -45,19 +48,33 @@ def _mean_se(values: jax.Array) -> MCEstimate:
     return MCEstimate(jnp.mean(values), jnp.std(values, ddof=1) / jnp.sqrt(n))
 
 
-def gaussian_kl(mean_p, sd_p, mean_q, sd_q):
-    r"""``KL(N(μ_p, σ_p²) || N(μ_q, σ_q²)) = log(σ_q/σ_p) + (σ_p² + (μ_p − μ_q)²)/(2σ_q²) − 1/2``.
+def gaussian_kl(
+    mean_p: ArrayLike, sd_p: ArrayLike, mean_q: ArrayLike, sd_q: ArrayLike
+) -> jax.Array:
+    r"""KL divergence between two normal distributions, elementwise with broadcasting.
 
-    With a shared noise sd ``σ`` this is ``(μ_p − μ_q)² / (2σ²)``. Elementwise, broadcasting.
+    .. math::
+
+        \mathrm{KL}\big(N(μ_p, σ_p^2)\,\|\,N(μ_q, σ_q^2)\big)
+        = \log\frac{σ_q}{σ_p} + \frac{σ_p^2 + (μ_p - μ_q)^2}{2σ_q^2} - \frac12
+
+    with ``μ_p, σ_p, μ_q, σ_q`` = ``mean_p, sd_p, mean_q, sd_q``. With a shared noise sd ``σ``
+    this is ``(μ_p − μ_q)² / (2σ²)``.
     """
     mean_p, sd_p, mean_q, sd_q = map(jnp.asarray, (mean_p, sd_p, mean_q, sd_q))
     return jnp.log(sd_q / sd_p) + (sd_p**2 + (mean_p - mean_q) ** 2) / (2.0 * sd_q**2) - 0.5
 
 
-def bernoulli_kl(logit_p, logit_q):
-    r"""``KL(Bern(π_p) || Bern(π_q)) = π_p log(π_p/π_q) + (1−π_p) log((1−π_p)/(1−π_q))``.
+def bernoulli_kl(logit_p: ArrayLike, logit_q: ArrayLike) -> jax.Array:
+    r"""KL divergence between two Bernoulli distributions given by logits, elementwise.
 
-    Arguments are logits ``log(π/(1−π))``; computed with ``log σ(·)`` for stability.
+    .. math::
+
+        \mathrm{KL}\big(\mathrm{Bern}(π_p)\,\|\,\mathrm{Bern}(π_q)\big)
+        = π_p \log\frac{π_p}{π_q} + (1 - π_p)\log\frac{1 - π_p}{1 - π_q}
+
+    with ``logit_p = log(π_p/(1−π_p))`` and likewise ``logit_q``; computed with
+    ``log σ(·)`` for stability at extreme logits.
     """
     logit_p, logit_q = jnp.asarray(logit_p), jnp.asarray(logit_q)
     p = jax.nn.sigmoid(logit_p)
@@ -66,8 +83,14 @@ def bernoulli_kl(logit_p, logit_q):
     return p * (log_p - log_q) + (1.0 - p) * (log_1mp - log_1mq)
 
 
-def categorical_kl(logits_p, logits_q):
-    r"""``KL(Cat(π_p) || Cat(π_q)) = Σ_k π_{p,k} (log π_{p,k} − log π_{q,k})`` over the last axis."""
+def categorical_kl(logits_p: ArrayLike, logits_q: ArrayLike) -> jax.Array:
+    r"""KL divergence between two categorical distributions given by logits (last axis).
+
+    .. math::
+
+        \mathrm{KL}\big(\mathrm{Cat}(π_p)\,\|\,\mathrm{Cat}(π_q)\big)
+        = \sum_k π_{p,k}\,(\log π_{p,k} - \log π_{q,k}),\qquad π = \mathrm{softmax}(\text{logits})
+    """
     log_p = jax.nn.log_softmax(jnp.asarray(logits_p), axis=-1)
     log_q = jax.nn.log_softmax(jnp.asarray(logits_q), axis=-1)
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
@@ -80,7 +103,12 @@ def mc_kl_over_y(
     log_prob_q: Callable[[jax.Array], jax.Array],
     num_samples: int = 1000,
 ) -> MCEstimate:
-    r"""``KL(p || q) ≈ (1/N) Σ_n [log p(y_n) − log q(y_n)]``, ``y_n ~ p``, for any pair of densities.
+    r"""Monte Carlo KL divergence over ``y`` for any pair of densities.
+
+    .. math::
+
+        \mathrm{KL}(p\,\|\,q) \approx \frac1N \sum_{n=1}^N \big[\log p(y_n) - \log q(y_n)\big],
+        \qquad y_n \sim p,\; N = \texttt{num\_samples}
 
     ``sample_p(key, shape)`` draws from ``p``; ``log_prob_*`` may be batched over extra trailing
     axes (e.g. over reference inputs), in which case the estimate is averaged over them too.
@@ -92,8 +120,13 @@ def mc_kl_over_y(
     return _mean_se(per_draw)
 
 
-def expected_kl(per_x_kl: jax.Array) -> MCEstimate:
-    r"""``E_{x~Q} KL_x ≈ (1/m) Σ_i KL_{x̃_i}`` from per-reference-input KLs, with its standard error."""
+def expected_kl(per_x_kl: ArrayLike) -> MCEstimate:
+    r"""Average of per-reference-input KLs ``per_x_kl`` (any shape), with its standard error.
+
+    .. math::
+
+        E_{x\sim Q}\,\mathrm{KL}_x \approx \frac1m \sum_{i=1}^m \mathrm{KL}_{\tilde x_i}
+    """
     return _mean_se(jnp.ravel(jnp.asarray(per_x_kl)))
 
 
@@ -103,13 +136,20 @@ def mc_network_kl(
     theta_source: jax.Array,
     scales: jax.Array,
     X_ref: jax.Array,
-    tau: float,
+    tau: ArrayLike,
     per_x_kl: Callable[[jax.Array, jax.Array], jax.Array],
     n_eps: int = 64,
 ) -> MCEstimate:
-    r"""Component-averaged KL of the scale construction for any per-``x`` KL.
+    r"""Component-averaged KL of the scale construction for any per-``x`` KL, at one ``tau``.
 
-        KL(τ) = E_ε E_{x~Q} KL( p(·|x, θ_S + τ s⊙ε) || p(·|x, θ_S) ),   ε ~ N(0, I)
+    .. math::
+
+        \mathrm{KL}(τ) = E_ε E_{x\sim Q}\,
+        \mathrm{KL}\big(p(\cdot\mid x, θ_S + τ\, s⊙ε)\,\|\,p(\cdot\mid x, θ_S)\big),
+        \qquad ε \sim N(0, I)
+
+    with ``θ_S`` = ``theta_source``, ``s`` = ``scales``, ``Q`` the rows of ``X_ref`` and
+    ``n_eps`` draws of ``ε`` from ``key``.
 
     ``predict_fn(θ, X)`` returns the predictive parameters at ``X`` (mean, logit or logits) for
     the flat transfer vector ``θ``; ``per_x_kl(target_params, source_params)`` is the closed-form
@@ -126,7 +166,12 @@ def mc_network_kl(
 
 
 def default_tau_grid(tau_max: float, num: int = 64) -> np.ndarray:
-    """Grid ``τ_k = τ_max (k/(K−1))²``: dense near the base model, where the prior puts its mass."""
+    r"""Grid of ``num`` = K values, dense near the base model, where the prior puts its mass.
+
+    .. math::
+
+        τ_k = τ_{\max}\,\big(k/(K-1)\big)^2,\qquad k = 0, \dots, K-1
+    """
     return tau_max * np.linspace(0.0, 1.0, num) ** 2
 
 
@@ -141,14 +186,25 @@ def distance_curve(
     n_eps: int = 32,
     batch_size: int = 8,
 ) -> tuple[jax.Array, jax.Array]:
-    r"""Monte Carlo ``r(τ)`` on a grid, with common random numbers.
+    r"""Monte Carlo ``r(τ)`` on the grid ``tau_grid``, with common random numbers.
 
-        r(τ)² = E_ε E_{x~Q} (g(x; θ_S + τ s⊙ε) − g_S(x))²,   ε ~ N(0, I)
+    .. math::
 
+        r(τ)^2 = E_ε E_{x\sim Q}\big(g(x; θ_S + τ\, s⊙ε) - g_S(x)\big)^2,\qquad ε \sim N(0, I)
+
+    with ``g(x; θ)`` = ``predict_fn(θ, X_ref)``, ``θ_S`` = ``theta_source``, ``s`` = ``scales``.
     One set of ``n_eps`` draws of ``ε`` (from ``key``) is shared by every ``τ`` so the curve is
     smooth; the expectation over ``x`` is the mean over the rows of ``X_ref``. Vmapped over
     ``ε`` and reference inputs and over ``τ`` in batches of ``batch_size`` (``lax.map``), all in
     one jitted call. Returns ``(r, se_r2)``: the curve and the standard error of ``r²`` over ``ε``.
+
+    Precision. Because the draws are shared, the relative errors ``η(τ) ≈ se_r2 / (2 r²)`` at
+    different ``τ`` are strongly correlated and act mostly as a common scale error: a prior
+    built on the curve then holds ``d ~ Exp(λ)·(1 + η)`` rather than ``Exp(λ)``. ``η`` falls as
+    ``c / (2√n_eps)``, with ``c`` the coefficient of variation over ``ε`` of the mean squared
+    change of ``g``; ``c ≈ 0.65`` for a 16-16 tanh network perturbed in all layers
+    (``tests/test_priors.py``), so ``n_eps = 32`` gives ``|η|`` of about 6 % (5–15 % measured
+    over three seeds) and ``n_eps = 1024`` about 1 %.
     """
     eps = jax.random.normal(key, (n_eps, theta_source.shape[0]), dtype=theta_source.dtype)
     # a pytree network (pcbtl.networks.NetworkFn) is an argument: one compile per architecture;

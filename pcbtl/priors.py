@@ -4,7 +4,10 @@ A PC prior (Simpson et al. 2017) puts an exponential prior on the distance of a 
 *base model*. Here the base model is the source network's predictive ``p_S(y | x)`` and the
 distance is
 
-    d(ξ) = sqrt(2 KL(ξ)),   KL(ξ) = E_{x~Q} KL( p_T(·|x, ξ) || p_S(·|x) ),
+.. math::
+
+    d(ξ) = \sqrt{2\,\mathrm{KL}(ξ)},\qquad
+    \mathrm{KL}(ξ) = E_{x\sim Q}\,\mathrm{KL}\big(p_T(\cdot\mid x, ξ)\,\|\,p_S(\cdot\mid x)\big),
 
 with ``d ~ Exponential(λ)`` and ``λ = −log(α) / U`` so that ``P(d > U) = α`` (:func:`pc_rate`).
 For a Gaussian likelihood with shared noise ``σ``, ``d = RMS_x(g_T − g_S) / σ``: the number of
@@ -21,25 +24,30 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from typing import NamedTuple
 
-import interpax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import gammaln
+from jax.typing import ArrayLike
 from numpyro.distributions import constraints
 
 from pcbtl._validation import check_positive, check_probability
 
 __all__ = [
     "pc_rate",
-    "LastLayerPC",
-    "last_layer_pc_log_density",
+    "ReferenceGram",
     "reference_gram",
+    "last_layer_pc_log_density",
+    "last_layer_pc_offset",
+    "LastLayerPC",
+    "PriorDataConflictWarning",
     "DistanceCurve",
+    "check_distance_curve",
     "distance_curve_value",
     "distance_curve_inverse",
     "ScalePC",
@@ -47,10 +55,20 @@ __all__ = [
 
 
 def pc_rate(U: float, alpha: float) -> float:
-    r"""Rate of the exponential PC prior on the distance: ``λ = −log(α) / U``.
+    r"""Rate of the exponential PC prior on the distance.
 
-    Chosen so that ``P(d > U) = α`` for ``d ~ Exponential(λ)`` (Simpson et al. 2017, §3.3).
-    ``U`` must be positive and ``alpha`` strictly between 0 and 1.
+    .. math::
+
+        λ = -\log(α) / U \quad\Longleftrightarrow\quad P(d > U) = e^{-λU} = α
+        \text{ for } d \sim \mathrm{Exp}(λ)
+
+    (Simpson et al. 2017, §3.3). ``U`` must be positive and ``alpha`` (α) strictly between 0
+    and 1; a :class:`ValueError` names the offending argument.
+
+    Example
+    -------
+    >>> round(pc_rate(1.0, 0.05), 4)
+    2.9957
     """
     U = check_positive(U, "U")
     alpha = check_probability(alpha, "alpha")
@@ -71,14 +89,20 @@ class ReferenceGram(NamedTuple):
 
 
 def reference_gram(Phi_ref: np.ndarray, *, rel_ridge: float = 1e-4) -> ReferenceGram:
-    r"""Gram matrix ``G = Φ̃ᵀΦ̃ / m`` of the ``m × p`` reference features and ``L`` with ``LLᵀ = G``.
+    r"""Gram matrix of the ``m × p`` reference features ``Phi_ref`` (Φ̃) and ``L`` with ``LLᵀ = G``.
+
+    .. math::
+
+        G = \tilde Φ^\top \tilde Φ / m \;(+\,ρ I),\qquad LL^\top = G
 
     Computed in float64. Penultimate features of a trained network are often nearly collinear,
     so ``G`` can be singular or too ill-conditioned for a float32 Cholesky. When its smallest
     eigenvalue is below ``rel_ridge · tr(G)/p``, the ridge ``ρ = rel_ridge · tr(G)/p`` is added
     to the diagonal and returned in ``ridge``. The distance is then
 
-        d² = (δᵀG₀δ + ρ‖δ‖²) / σ²
+    .. math::
+
+        d^2 = (δ^\top G_0 δ + ρ\|δ\|^2) / σ^2
 
     (``G₀`` without ridge): the RMS change of predictions over ``Q`` plus a small penalty on the
     coefficient change itself. Without it, directions that no reference input sees would be
@@ -96,12 +120,20 @@ def reference_gram(Phi_ref: np.ndarray, *, rel_ridge: float = 1e-4) -> Reference
     return ReferenceGram(G=G, chol=np.linalg.cholesky(G), ridge=ridge)
 
 
-def last_layer_pc_log_density(beta, beta_source, chol_G, sigma, rate):
+def last_layer_pc_log_density(
+    beta: ArrayLike,
+    beta_source: jax.Array,
+    chol_G: jax.Array,
+    sigma: ArrayLike,
+    rate: ArrayLike,
+) -> jax.Array:
     r"""Closed-form log density of the last-layer PC prior ``π(β | σ)``.
 
     With ``δ = β − β_S``, ``d = sqrt(δᵀGδ)/σ = ‖Lᵀδ‖/σ`` and ``p = dim β``:
 
-        π(β | σ) = λ e^{−λd} · Γ(p/2) / (2 π^{p/2} d^{p−1}) · |G|^{1/2} / σ^p,
+    .. math::
+
+        π(β \mid σ) = λ e^{-λd}\,\frac{Γ(p/2)}{2 π^{p/2} d^{p-1}}\,\frac{|G|^{1/2}}{σ^p},
 
     i.e. ``w = Lᵀδ/σ`` is uniform in direction with ``‖w‖ = d ~ Exp(λ)``; the factor
     ``Γ(p/2)/(2π^{p/2} d^{p−1})`` is one over the area of the sphere of radius ``d`` and
@@ -122,9 +154,16 @@ def last_layer_pc_log_density(beta, beta_source, chol_G, sigma, rate):
     return jnp.log(rate) - rate * d - log_area - radial + half_logdet - p * jnp.log(sigma)
 
 
-def last_layer_pc_offset(distance, z, chol_G, sigma):
-    r"""Non-centred offset ``δ = β − β_S = d σ L^{−ᵀ} z / ‖z‖`` (``z ~ N(0, I_p)``, ``d ~ Exp(λ)``).
+def last_layer_pc_offset(
+    distance: ArrayLike, z: jax.Array, chol_G: jax.Array, sigma: ArrayLike
+) -> jax.Array:
+    r"""Non-centred offset of the last-layer PC prior.
 
+    .. math::
+
+        δ = β - β_S = d\,σ\,L^{-\top} z / \|z\|,\qquad z \sim N(0, I_p),\; d \sim \mathrm{Exp}(λ)
+
+    with ``d`` = ``distance`` (…), ``z`` (…, p), ``L`` = ``chol_G`` and ``σ`` = ``sigma``.
     ``‖Lᵀδ‖/σ = d`` exactly, and ``z/‖z‖`` is uniform on the sphere, so ``β_S + δ`` has the
     density of :func:`last_layer_pc_log_density`.
     """
@@ -151,7 +190,15 @@ class LastLayerPC(dist.Distribution):
     support = constraints.real_vector
     reparametrized_params = ["sigma"]
 
-    def __init__(self, beta_source, chol_G, sigma, rate, *, validate_args=None):
+    def __init__(
+        self,
+        beta_source: ArrayLike,
+        chol_G: ArrayLike,
+        sigma: ArrayLike,
+        rate: ArrayLike,
+        *,
+        validate_args: bool | None = None,
+    ) -> None:
         self.beta_source = jnp.asarray(beta_source)
         self.chol_G = jnp.asarray(chol_G)
         self.sigma = jnp.asarray(sigma)
@@ -162,19 +209,19 @@ class LastLayerPC(dist.Distribution):
             validate_args=validate_args,
         )
 
-    def sample(self, key, sample_shape=()):
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> jax.Array:
         k1, k2 = jax.random.split(key)
         shape = sample_shape + self.batch_shape
         d = jax.random.exponential(k1, shape) / self.rate
         z = jax.random.normal(k2, shape + self.event_shape)
         return self.beta_source + last_layer_pc_offset(d, z, self.chol_G, self.sigma)
 
-    def log_prob(self, value):
+    def log_prob(self, value: ArrayLike) -> jax.Array:
         return last_layer_pc_log_density(
             value, self.beta_source, self.chol_G, self.sigma, self.rate
         )
 
-    def distance(self, value):
+    def distance(self, value: ArrayLike) -> jax.Array:
         """``d = ‖Lᵀ(β − β_S)‖ / σ`` for draws ``value``."""
         return jnp.linalg.norm((value - self.beta_source) @ self.chol_G, axis=-1) / self.sigma
 
@@ -189,63 +236,178 @@ class PriorDataConflictWarning(UserWarning):
 
 
 class DistanceCurve(NamedTuple):
-    r"""Grid values of ``r(τ) = sqrt(E_ε E_x (g(x; θ_S + τ s⊙ε) − g_S(x))²)``.
+    r"""Grid values ``r`` at ``tau`` of the distance curve of the scale construction
+
+    .. math::
+
+        r(τ) = \sqrt{E_ε E_{x\sim Q}\big(g(x; θ_S + τ\, s⊙ε) - g_S(x)\big)^2},\qquad
+        ε \sim N(0, I)
 
     ``tau`` is increasing with ``tau[0] = 0`` and ``r[0] = 0``; ``r`` must be strictly increasing
     for the push-forward to be one-to-one. Between grid points ``r`` is the monotone cubic
-    (PCHIP, Fritsch & Carlson 1980) interpolant; beyond the last point it is extended linearly
-    with the slope of the last interval, so ``r̂`` is continuous, strictly increasing and
-    unbounded, and ``ScalePC`` is an exact push-forward of ``Exp(λ)`` through ``r̂``.
+    (PCHIP, Fritsch & Carlson 1980) interpolant of :func:`distance_curve_value`; beyond the last
+    point it is extended linearly with the slope of the last interval, so ``r̂`` is continuous,
+    strictly increasing and unbounded, and ``ScalePC`` is an exact push-forward of ``Exp(λ)``
+    through ``r̂``. Either dtype works under either JAX precision: the interpolant computes in
+    the promoted dtype of the grid and the query.
     """
 
     tau: jax.Array
     r: jax.Array
 
 
-def _end_slope(curve: DistanceCurve):
+def _end_slope(curve: DistanceCurve) -> jax.Array:
     return (curve.r[-1] - curve.r[-2]) / (curve.tau[-1] - curve.tau[-2])
 
 
-def distance_curve_value(curve: DistanceCurve, tau, nu: int = 0):
-    """``r̂(τ)`` (``nu=0``) or ``r̂′(τ)`` (``nu=1``) of the monotone interpolant, jittable."""
+def _edge_slope(h0: jax.Array, h1: jax.Array, m0: jax.Array, m1: jax.Array) -> jax.Array:
+    """One-sided three-point end slope, limited to keep the cubic monotone (Moler 2004, §3.6)."""
+    d = ((2.0 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
+    d = jnp.where(jnp.sign(d) != jnp.sign(m0), 0.0, d)
+    overshoot = (jnp.sign(m0) != jnp.sign(m1)) & (jnp.abs(d) > 3.0 * jnp.abs(m0))
+    return jnp.where(overshoot, 3.0 * m0, d)
+
+
+def _pchip_slopes(x: jax.Array, y: jax.Array) -> jax.Array:
+    r"""Knot derivatives ``d_k`` of the monotone piecewise-cubic Hermite interpolant (PCHIP).
+
+    With ``h_k = x_{k+1} − x_k`` and secants ``m_k = (y_{k+1} − y_k)/h_k``, the interior slopes
+    are the weighted harmonic means (Fritsch & Butland 1984)
+
+    .. math::
+
+        \frac{w_1 + w_2}{d_k} = \frac{w_1}{m_{k-1}} + \frac{w_2}{m_k},\qquad
+        w_1 = 2h_k + h_{k-1},\; w_2 = h_k + 2h_{k-1},
+
+    and ``d_k = 0`` where ``m_{k−1}`` and ``m_k`` differ in sign or either is zero; the end
+    slopes are one-sided three-point estimates limited as in Moler (2004). Then
+    ``0 ≤ d_k ≤ 3 min(m_{k−1}, m_k)`` for increasing data, inside the Fritsch & Carlson (1980)
+    region where every cubic piece is monotone. The same slopes as SciPy's
+    ``PchipInterpolator``. Two knots give the straight line.
+    """
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    h = jnp.diff(x)
+    m = jnp.diff(y) / h
+    if x.shape[0] == 2:
+        return jnp.stack([m[0], m[0]])
+    h0, h1, m0, m1 = h[:-1], h[1:], m[:-1], m[1:]
+    w1, w2 = 2.0 * h1 + h0, h1 + 2.0 * h0
+    flat = (jnp.sign(m0) != jnp.sign(m1)) | (m0 == 0) | (m1 == 0)
+    safe_m0 = jnp.where(flat, 1.0, m0)
+    safe_m1 = jnp.where(flat, 1.0, m1)
+    interior = jnp.where(flat, 0.0, (w1 + w2) / (w1 / safe_m0 + w2 / safe_m1))
+    first = _edge_slope(h[0], h[1], m[0], m[1])
+    last = _edge_slope(h[-1], h[-2], m[-1], m[-2])
+    return jnp.concatenate([first[None], interior, last[None]])
+
+
+def _hermite(
+    y0: jax.Array,
+    y1: jax.Array,
+    d0: jax.Array,
+    d1: jax.Array,
+    h: jax.Array,
+    s: jax.Array,
+    nu: int,
+) -> jax.Array:
+    r"""Cubic Hermite piece at ``s = (τ − τ_k)/h ∈ [0, 1]``: value (``nu=0``) or ``d/dτ`` (1).
+
+    .. math::
+
+        p(s) = (2s^3 - 3s^2 + 1) y_0 + (s^3 - 2s^2 + s) h d_0 + (3s^2 - 2s^3) y_1
+               + (s^3 - s^2) h d_1
+    """
+    if nu == 0:
+        return (
+            (2 * s**3 - 3 * s**2 + 1) * y0
+            + (s**3 - 2 * s**2 + s) * h * d0
+            + (3 * s**2 - 2 * s**3) * y1
+            + (s**3 - s**2) * h * d1
+        )
+    return 6 * (s**2 - s) * (y0 - y1) / h + (3 * s**2 - 4 * s + 1) * d0 + (3 * s**2 - 2 * s) * d1
+
+
+@partial(jax.jit, static_argnames="nu")
+def distance_curve_value(curve: DistanceCurve, tau: ArrayLike, nu: int = 0) -> jax.Array:
+    r"""``r̂(τ)`` (``nu=0``) or ``r̂′(τ)`` (``nu=1``) of the monotone interpolant, jittable.
+
+    On ``[τ_0, τ_{K−1}]`` of the grid ``curve.tau`` (values ``curve.r``), ``r̂`` is the cubic
+    Hermite interpolant with the PCHIP knot slopes of ``_pchip_slopes``; beyond it
+
+    .. math::
+
+        \hat r(τ) = r_{K-1} + \frac{r_{K-1} - r_{K-2}}{τ_{K-1} - τ_{K-2}} (τ - τ_{K-1}).
+
+    Pure ``jax.numpy``: computed in the promoted dtype of ``curve`` and ``tau``, so a float32
+    curve works with ``jax_enable_x64`` on (and the other way round).
+    """
+    if nu not in (0, 1):
+        raise ValueError(f"nu must be 0 or 1, got {nu}")
+    x, y = curve.tau, curve.r
     tau = jnp.asarray(tau)
-    t_max = curve.tau[-1]
-    interp = interpax.PchipInterpolator(curve.tau, curve.r, check=False, extrapolate=False)
-    inside = interp(jnp.clip(tau, curve.tau[0], t_max), nu)
+    t_max = x[-1]
+    d = _pchip_slopes(x, y)
+    t = jnp.clip(tau, x[0], t_max)
+    k = jnp.clip(jnp.searchsorted(x, t, side="right") - 1, 0, x.shape[0] - 2)
+    h = x[k + 1] - x[k]
+    inside = _hermite(y[k], y[k + 1], d[k], d[k + 1], h, (t - x[k]) / h, nu)
     slope = _end_slope(curve)
     if nu == 0:
-        outside = curve.r[-1] + slope * (tau - t_max)
-    elif nu == 1:
-        outside = jnp.broadcast_to(slope, jnp.shape(tau))
+        outside = y[-1] + slope * (tau - t_max)
     else:
-        raise ValueError(f"nu must be 0 or 1, got {nu}")
+        outside = jnp.broadcast_to(slope, jnp.shape(tau))
     return jnp.where(tau > t_max, outside, inside)
 
 
-def distance_curve_inverse(curve: DistanceCurve, r_value, *, iterations: int = 40):
-    """``τ = r̂^{−1}(r_value)`` by bisection inside the grid and exactly beyond it (jittable)."""
+@partial(jax.jit, static_argnames="iterations")
+def distance_curve_inverse(
+    curve: DistanceCurve, r_value: ArrayLike, *, iterations: int = 40
+) -> jax.Array:
+    r"""``τ = r̂^{−1}(r_value)`` for the interpolant of :func:`distance_curve_value` (jittable).
+
+    Inside the grid: the interval ``k`` with ``r_k ≤ r_value < r_{k+1}`` is found by search and
+    the cubic piece is inverted by ``iterations`` bisection steps on ``s ∈ [0, 1]`` (each halves
+    the bracket; 40 reach float64 resolution). Beyond the grid the linear extension is inverted
+    exactly:
+
+    .. math::
+
+        τ = τ_{K-1} + (r - r_{K-1})\,\frac{τ_{K-1} - τ_{K-2}}{r_{K-1} - r_{K-2}},
+        \qquad r \ge r_{K-1}.
+    """
+    x, y = curve.tau, curve.r
     r_value = jnp.asarray(r_value)
-    interp = interpax.PchipInterpolator(curve.tau, curve.r, check=False, extrapolate=False)
-    idx = jnp.clip(jnp.searchsorted(curve.r, r_value, side="right") - 1, 0, curve.r.shape[0] - 2)
-    lo, hi = curve.tau[idx], curve.tau[idx + 1]
+    dtype = jnp.result_type(x, y, r_value)
+    d = _pchip_slopes(x, y)
+    k = jnp.clip(jnp.searchsorted(y, r_value, side="right") - 1, 0, y.shape[0] - 2)
+    h = x[k + 1] - x[k]
+    y0, y1, d0, d1 = y[k], y[k + 1], d[k], d[k + 1]
 
     def body(_, bounds):
         lo, hi = bounds
         mid = 0.5 * (lo + hi)
-        below = interp(mid) < r_value
+        below = _hermite(y0, y1, d0, d1, h, mid, 0) < r_value
         return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
 
-    lo, hi = jax.lax.fori_loop(0, iterations, body, (lo, hi))
-    inside = 0.5 * (lo + hi)
-    outside = curve.tau[-1] + (r_value - curve.r[-1]) / _end_slope(curve)
-    return jnp.where(r_value >= curve.r[-1], outside, inside)
+    lo = jnp.zeros(jnp.shape(r_value), dtype)
+    lo, hi = jax.lax.fori_loop(0, iterations, body, (lo, jnp.ones_like(lo)))
+    inside = x[k] + 0.5 * (lo + hi) * h
+    outside = x[-1] + (r_value - y[-1]) / _end_slope(curve)
+    return jnp.where(r_value >= y[-1], outside, inside)
 
 
-def check_distance_curve(tau: np.ndarray, r: np.ndarray) -> DistanceCurve:
-    """Validate a computed curve; warn when ``r`` is not strictly increasing and repair it.
+def check_distance_curve(tau: ArrayLike, r: ArrayLike) -> DistanceCurve:
+    r"""Validate a computed curve; warn when ``r`` is not strictly increasing and repair it.
 
-    A non-increasing Monte Carlo ``r`` means the push-forward is not one-to-one on the grid; the
-    running maximum plus a tiny increasing offset is used instead, and a ``RuntimeWarning`` says so.
+    ``tau`` must start at 0 and increase strictly (else :class:`ValueError`); ``r`` is shifted so
+    that ``r_0 = 0``. A non-increasing Monte Carlo ``r`` means the push-forward is not one-to-one
+    on the grid; then, with a ``RuntimeWarning``,
+
+    .. math::
+
+        r_k \leftarrow \max_{j \le k} r_j + 10^{-5}\, \max_j r_j\, τ_k / τ_{K-1}.
+
+    The result is in JAX's default float dtype (float32, or float64 under ``jax_enable_x64``).
     """
     tau = np.asarray(tau, dtype=np.float64)
     r = np.asarray(r, dtype=np.float64)
@@ -261,15 +423,19 @@ def check_distance_curve(tau: np.ndarray, r: np.ndarray) -> DistanceCurve:
             stacklevel=2,
         )
         r = np.maximum.accumulate(r) + 1e-5 * r.max() * tau / tau[-1]
-    return DistanceCurve(tau=jnp.asarray(tau, jnp.float32), r=jnp.asarray(r, jnp.float32))
+    # JAX's default float: float32, or float64 under ``jax_enable_x64``
+    return DistanceCurve(tau=jnp.asarray(tau), r=jnp.asarray(r))
 
 
 class ScalePC(dist.Distribution):
     r"""PC prior on the flexibility ``τ ≥ 0`` of the scale construction, given ``σ``.
 
-        d = r̂(τ)/σ ~ Exp(λ)   ⇔   π(τ | σ) = λ e^{−λ r̂(τ)/σ} · r̂′(τ) / σ,
+    .. math::
 
-    where ``r̂`` is the monotone interpolant of the :class:`DistanceCurve` ``curve``. For a
+        d = \hat r(τ)/σ \sim \mathrm{Exp}(λ) \quad\Longleftrightarrow\quad
+        π(τ \mid σ) = λ\, e^{-λ \hat r(τ)/σ}\, \hat r'(τ) / σ,
+
+    with ``σ`` = ``sigma``, ``λ`` = ``rate`` and ``r̂`` the monotone interpolant of the :class:`DistanceCurve` ``curve``. For a
     last-layer transfer set ``r`` is linear and ``τ`` is exponential (the PC prior of a scale).
     ``sample`` inverts ``r̂`` exactly; ``log_prob`` carries the Jacobian ``r̂′(τ)/σ``.
     """
@@ -277,18 +443,25 @@ class ScalePC(dist.Distribution):
     arg_constraints = {"sigma": constraints.positive, "rate": constraints.positive}
     support = constraints.positive
 
-    def __init__(self, curve: DistanceCurve, sigma, rate, *, validate_args=None):
+    def __init__(
+        self,
+        curve: DistanceCurve,
+        sigma: ArrayLike,
+        rate: ArrayLike,
+        *,
+        validate_args: bool | None = None,
+    ) -> None:
         self.curve = DistanceCurve(jnp.asarray(curve.tau), jnp.asarray(curve.r))
         self.sigma = jnp.asarray(sigma)
         self.rate = jnp.asarray(rate)
         super().__init__(batch_shape=jnp.shape(self.sigma), validate_args=validate_args)
 
-    def sample(self, key, sample_shape=()):
+    def sample(self, key: jax.Array, sample_shape: tuple[int, ...] = ()) -> jax.Array:
         shape = sample_shape + self.batch_shape
         d = jax.random.exponential(key, shape) / self.rate
         return distance_curve_inverse(self.curve, d * self.sigma)
 
-    def log_prob(self, value):
+    def log_prob(self, value: ArrayLike) -> jax.Array:
         r = distance_curve_value(self.curve, value)
         dr = distance_curve_value(self.curve, value, nu=1)
         return jnp.log(self.rate) - self.rate * r / self.sigma + jnp.log(dr) - jnp.log(self.sigma)
