@@ -56,6 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from pcbtl.inference import SamplerWarning
+from pcbtl.priors import PriorDataConflictWarning
 from pcbtl.transfer import HEALTH_COLUMNS, sampler_health
 
 __all__ = [
@@ -459,7 +461,11 @@ def _fit_chunk(ests, datasets, devices=None):
     n = len(ests)
     first = devices[0] if devices else None
     ctx = jax.default_device(first) if first is not None else _nullcontext()
-    with ctx:
+    with ctx, warnings.catch_warnings():
+        # sampler health and prior-data conflict go into each fit's row (HEALTH_COLUMNS, the
+        # netCDF), not onto the console once per fit
+        warnings.simplefilter("ignore", SamplerWarning)
+        warnings.simplefilter("ignore", PriorDataConflictWarning)
         if n > 1 and all(supports_batching(e) for e in ests):
             t0 = time.perf_counter()
             try:

@@ -238,6 +238,7 @@ def test_quick_study_writes_every_method_and_metric(tmp_path):
         n_test=500,
         num_warmup=100,
         num_samples=100,
+        num_chains=2,
         n_estimators=50,
         source_hidden=(16, 16),
         source_max_epochs=100,
@@ -282,6 +283,7 @@ TWO_SETTINGS = StudyConfig(
     methods=("source-only", "pc-last-layer"),
     num_warmup=80,
     num_samples=80,
+    num_chains=2,
     source_hidden=(8,),
     source_max_epochs=40,
 )
@@ -324,6 +326,7 @@ def test_studies_run_in_parts_merge_into_one(tmp_path):
         n_source=500,
         num_warmup=60,
         num_samples=60,
+        num_chains=2,
         source_max_epochs=30,
     )
     a = run_study(base, tmp_path / "a", verbose=False)
