@@ -415,10 +415,11 @@ class PCTransferRegressor(PosteriorRegressor):
         run: ``"vectorized"`` (vmapped in one compiled program: each step waits for the
         deepest tree of the chains), ``"sequential"`` (one after another inside it) or
         ``"auto"`` (default: vectorized on a GPU or TPU, sequential on a CPU). Measured on 2 CPU
-        cores, 4 chains of 250 + 250 draws on the 60-row test task (``benchmarks/bench_perf.py
-        chains``): sequential 4.1–5.0 s against vectorized 4.8–7.1 s for the scale prior, and
-        the same within noise for the last layer. With several JAX devices (GPUs, or CPU host
-        devices from ``numpyro.set_host_device_count``) each device runs its own chains.
+        cores, 4 chains of 250 + 250 draws on the 60-row test task (by hand; the same
+        comparison is ``benchmarks/bench_perf.py --sections chain``): sequential 4.1–5.0 s
+        against vectorized 4.8–7.1 s for the scale prior, the same within noise for the last
+        layer. With several JAX devices (GPUs, or CPU host devices from
+        ``numpyro.set_host_device_count``) each device runs its own chains.
     inference:
         ``"nuts"`` (default) or ``"svi"`` (mean-field Gaussian guide; see
         :func:`pcbtl.inference.run_svi` for what it approximates).

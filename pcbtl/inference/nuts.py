@@ -475,7 +475,7 @@ def resolve_chain_method(chain_method: str) -> str:
 
     On a CPU the vmapped chains of a NUTS step wait for the deepest tree among them and gain
     little from vectorisation; one after another inside the same program they were as fast or
-    faster here (``benchmarks/bench_perf.py chains``). Accelerators run the vmapped chains in
+    faster here (``benchmarks/bench_perf.py --sections chain``). Accelerators run the vmapped chains in
     parallel.
     """
     if chain_method == "auto":
