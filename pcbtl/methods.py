@@ -223,8 +223,7 @@ def _fit_forest(X, y, *, n_estimators, min_samples_leaf, seed, noise_rows=None) 
     move the splits), and every output is mapped back."""
     from sklearn.ensemble import RandomForestRegressor
 
-    loc, scale = PosteriorRegressor._label_scaling(y)
-    y_std = (y - loc) / scale
+    y_std, (loc, scale) = PosteriorRegressor._standardised(y)
 
     rf = RandomForestRegressor(
         n_estimators=int(n_estimators),
@@ -321,8 +320,7 @@ class FineTuneRegressor(GaussianPredictive):
         X, y = check_Xy(X, y, n_features=src.n_features, min_rows=4)
         t0 = time.perf_counter()
         # fit in standardised label units (the source mapped to them), outputs mapped back
-        loc, scale = PosteriorRegressor._label_scaling(y)
-        y = (y - loc) / scale
+        y, (loc, scale) = PosteriorRegressor._standardised(y)
         src = src.rescaled(loc, scale)
         rng = np.random.default_rng(self.seed)
         n = X.shape[0]
@@ -462,8 +460,7 @@ class BayesianLastLayerRegressor(PosteriorRegressor):
             if getattr(self, name) is not None:
                 check_positive(getattr(self, name), name)
         X, y = check_Xy(X, y, n_features=src.n_features, min_rows=2)
-        affine = self._label_scaling(y)
-        y = (y - affine[0]) / affine[1]
+        y, affine = self._standardised(y)
         src = src.rescaled(*affine)
         beta_s = src.head()
         p = beta_s.shape[0]
@@ -674,8 +671,7 @@ class MultiTaskRegressor(PosteriorRegressor):
         return self.base == "bnn"
 
     def _bnn_plan(self, Xa, ya, task, t0: float) -> BatchPlan:
-        affine = self._label_scaling(ya)
-        ya = (ya - affine[0]) / affine[1]
+        ya, affine = self._standardised(ya)
         net = _fresh_network(Xa, ya, self.hidden, self.activation, self.seed)
         tp = transfer_parametrization(net, "all", scale="fan_in")
         kwargs = dict(

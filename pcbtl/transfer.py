@@ -228,6 +228,12 @@ class PosteriorRegressor:
         loc, scale = float(np.mean(y)), float(np.std(y))
         return loc, (scale if np.isfinite(scale) and scale > 0 else 1.0)
 
+    @classmethod
+    def _standardised(cls, y: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+        """``((y − loc)/scale, (loc, scale))`` with :meth:`_label_scaling`."""
+        affine = cls._label_scaling(y)
+        return (y - affine[0]) / affine[1], affine
+
     @property
     def _affine(self) -> tuple[float, float]:
         return getattr(self, "y_affine_", (0.0, 1.0))
@@ -290,8 +296,13 @@ class PosteriorRegressor:
         attrs=None,
         chunk=4096,
         affine: tuple[float, float] = (0.0, 1.0),
+        diagnostic_means: np.ndarray | None = None,
     ):
         """Posterior-predictive and log-likelihood groups at the training rows, and idata.
+
+        The sampler is judged first (:func:`pcbtl.inference.check_sampler`), with the draws of
+        the mean function at :meth:`_diagnostic_inputs` (``diagnostic_means``, ``(S, m)``, when
+        the caller has them already).
 
         ``y`` and the draws are in the standardised units of the fit, ``(y − loc)/scale`` with
         ``affine = (loc, scale)``; the ArviZ groups are in the units of the labels:
@@ -306,8 +317,10 @@ class PosteriorRegressor:
         loc, scale = affine
         chains, draws = posterior.samples["sigma"].shape[:2]
         if posterior.method == "nuts":
-            Xd = self._diagnostic_inputs(X, state)
-            preds = self._posterior_means_from(posterior, Xd, state)
+            preds = diagnostic_means
+            if preds is None:
+                Xd = self._diagnostic_inputs(X, state)
+                preds = self._posterior_means_from(posterior, Xd, state)
             posterior.diagnostics = check_sampler(
                 posterior,
                 getattr(self, "max_tree_depth", None),
@@ -580,19 +593,8 @@ class PCTransferRegressor(PosteriorRegressor):
         ``r(τ)``, whose fine part is sized from the source's residual sd on ``(X, y)`` (a
         guess of the fitted ``σ``) and which reaches at least ``tau_reach``. ``y`` is in the
         standardised units ``(y − loc)/scale`` of ``affine``; the source (``setup["source"]``)
-        and ``sigma_scale`` are mapped to them."""
+        and ``sigma_scale`` are mapped to them. ``setup["seconds"]`` is the time it took."""
         t0 = time.perf_counter()
-        setup = self._setup_prior(X, y, tau_reach, affine)
-        setup["seconds"] = time.perf_counter() - t0
-        return setup
-
-    def _setup_prior(
-        self,
-        X: np.ndarray | None,
-        y: np.ndarray | None = None,
-        tau_reach: float = 0.0,
-        affine: tuple[float, float] = (0.0, 1.0),
-    ) -> dict[str, Any]:
         rate = pc_rate(self.U, self.alpha)
         Xref = self._reference(X)
         src = self.source.rescaled(*affine)
@@ -642,6 +644,7 @@ class PCTransferRegressor(PosteriorRegressor):
                 curve_rel_se=rel_se,
                 curve_reference_size=int(Xref_c.shape[0]),
             )
+        setup["seconds"] = time.perf_counter() - t0
         return setup
 
     def _model_kwargs(self, setup: dict[str, Any], X=None, y=None) -> dict[str, Any]:
@@ -683,8 +686,7 @@ class PCTransferRegressor(PosteriorRegressor):
         self._check_params()
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
-        affine = self._label_scaling(y)
-        y = (y - affine[0]) / affine[1]
+        y, affine = self._standardised(y)
         setup = self._setup(X, y, affine=affine)
         posterior = run_svi(
             self._model(),
@@ -728,8 +730,7 @@ class PCTransferRegressor(PosteriorRegressor):
         self._check_params()
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
-        affine = self._label_scaling(y)
-        y = (y - affine[0]) / affine[1]
+        y, affine = self._standardised(y)
         setup = self._setup(X, y, tau_reach, affine)
         return self._plan(
             self._model(),
@@ -754,7 +755,9 @@ class PCTransferRegressor(PosteriorRegressor):
         conflict = _prior_conflict(
             posterior.flat("distance"), setup["rate"], self.U_log_sd, stacklevel=5
         )
-        shift = self._realised_shift(posterior, setup)
+        Xd = self._diagnostic_inputs(X, setup)
+        means = np.asarray(self._posterior_means_from(posterior, Xd, setup), np.float64)
+        shift = _realised_shift(means, setup["source"].predict(Xd), posterior.flat("sigma"))
         idata = self._finish(
             posterior,
             X,
@@ -763,6 +766,7 @@ class PCTransferRegressor(PosteriorRegressor):
             drop=("eps", "theta") if self.prior == "scale" else (),
             attrs={"pcbtl_prior": self.prior, "U": float(self.U), "alpha": float(self.alpha)},
             affine=setup["affine"],
+            diagnostic_means=means,
         )
         self._state = setup
         self.posterior_ = posterior
@@ -786,15 +790,6 @@ class PCTransferRegressor(PosteriorRegressor):
             self.tau_beyond_curve_ = beyond
         self.fit_seconds_ = seconds
         return self
-
-    def _realised_shift(self, posterior: Posterior, setup: dict[str, Any]) -> np.ndarray:
-        r"""Draws of the realised shift ``RMS_{x̃}(g_θ(x̃) − g_S(x̃)) / σ`` over the diagnostic
-        subsample of the reference inputs."""
-        Xd = self._diagnostic_inputs(setup["Xref"], setup)
-        means = np.asarray(self._posterior_means_from(posterior, Xd, setup), np.float64)
-        g_s = np.asarray(setup["source"].predict(Xd), np.float64)
-        rms = np.sqrt(np.mean((means - g_s[None, :]) ** 2, axis=1))
-        return rms / posterior.flat("sigma").astype(np.float64)
 
     # ---- predictions -------------------------------------------------------------------------
     def _diagnostic_inputs(self, X: np.ndarray, state: Any) -> np.ndarray:
@@ -853,6 +848,14 @@ class PCTransferRegressor(PosteriorRegressor):
         prior = ScalePC(setup["curve"], sigma, rate)
         tau = prior.sample(k_theta)
         return np.asarray(distance_curve_value(setup["curve"], tau) / sigma)
+
+
+def _realised_shift(means: np.ndarray, g_source: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    r"""Draws of the realised shift ``RMS_{x̃}(g_θ(x̃) − g_S(x̃)) / σ``, from the draws of the
+    mean function ``means`` ``(S, m)`` and the source ``g_source`` ``(m,)`` at the same inputs."""
+    g_s = np.asarray(g_source, np.float64)
+    rms = np.sqrt(np.mean((np.asarray(means, np.float64) - g_s[None, :]) ** 2, axis=1))
+    return rms / np.asarray(sigma, np.float64)
 
 
 def _warn_beyond_curve(tau: np.ndarray, curve: DistanceCurve, limit: float = 0.05) -> float:
@@ -1049,8 +1052,7 @@ class BayesianNetworkRegressor(PosteriorRegressor):
         check_positive(self.prior_scale, "prior_scale")
         nf = None if self.source is None else self.source.n_features
         X, y = check_Xy(X, y, n_features=nf, min_rows=2)
-        affine = self._label_scaling(y)
-        y = (y - affine[0]) / affine[1]
+        y, affine = self._standardised(y)
         net = self._network(X, y)
         if self.source is not None:
             net = net.rescaled(*affine)
