@@ -38,6 +38,7 @@ __all__ = [
     "SourceModel",
     "TransferParametrization",
     "resolve_transfer_layers",
+    "split_frozen_trunk",
     "train_source",
     "transfer_parametrization",
 ]
@@ -452,6 +453,64 @@ class TransferParametrization(NamedTuple):
     theta_source: jax.Array
     scales: jax.Array
     predict_fn: NetworkFn
+
+
+@lru_cache(maxsize=128)
+def _head_apply(
+    hidden: tuple[int, ...], activation: str, n_features: int, layers: tuple[str, ...]
+) -> Callable[..., jax.Array]:
+    """``apply(θ, aux, H)`` of the transfer layers alone, from the trunk's output ``H``."""
+    module = MLP(hidden=tuple(hidden), out=1, activation=activation)
+    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, n_features)))["params"]
+    _, unravel = ravel_pytree({k: template[k] for k in layers})
+    act = ACTIVATIONS[activation]
+
+    def apply(theta: jax.Array, aux: dict[str, Any], H: jax.Array) -> jax.Array:
+        params = unravel(theta)
+        h = H
+        for name in layers:
+            h = h @ params[name]["kernel"] + params[name]["bias"]
+            if name != "output":
+                h = act(h)
+        return aux["y_mean"] + aux["y_scale"] * h[..., 0]
+
+    return apply
+
+
+def split_frozen_trunk(
+    source: SourceModel, tp: TransferParametrization
+) -> tuple[Callable[[Any], jax.Array], NetworkFn] | None:
+    r"""Split ``g(x; θ) = h(t(x); θ)`` when the transfer layers are the last ``k`` layers.
+
+    The first ``L − k`` layers are then frozen, so the trunk
+    ``t(x) = act(W_{L−k−1} ⋯ act(W_0 (x − m_x)/s_x + b_0) ⋯ + b_{L−k−1})`` is the same for every
+    ``θ`` and can be computed once per input; the head ``h(H; θ)`` (a :class:`NetworkFn` taking
+    ``H = t(X)`` instead of ``X``) is all a sampler needs to evaluate at each step. Returns
+    ``(trunk, head)``, or ``None`` when nothing is frozen below the transfer set or the set is
+    not a suffix of the layers.
+    """
+    names = list(source.layer_names)
+    k = len(tp.layers)
+    if k == len(names) or tuple(names[-k:]) != tuple(tp.layers):
+        return None
+    frozen = names[: len(names) - k]
+    params = {
+        n: {a: jnp.asarray(v, jnp.float32) for a, v in source.params[n].items()} for n in frozen
+    }
+    act = ACTIVATIONS[source.activation]
+    x_mean = jnp.asarray(source.x_mean, jnp.float32)
+    x_scale = jnp.asarray(source.x_scale, jnp.float32)
+
+    @jax.jit
+    def trunk(X: jax.Array) -> jax.Array:
+        h = (X - x_mean) / x_scale
+        for n in frozen:
+            h = act(h @ params[n]["kernel"] + params[n]["bias"])
+        return h
+
+    aux = {"y_mean": tp.predict_fn.aux["y_mean"], "y_scale": tp.predict_fn.aux["y_scale"]}
+    apply = _head_apply(tuple(source.hidden), source.activation, source.n_features, tp.layers)
+    return (lambda X: trunk(jnp.asarray(X, jnp.float32))), NetworkFn(apply, aux)
 
 
 def resolve_transfer_layers(source: SourceModel, transfer_layers: Any) -> tuple[str, ...]:

@@ -24,10 +24,12 @@ from numpyro.infer import init_to_median, init_to_sample
 
 from pcbtl._validation import check_positive, check_probability, check_X, check_Xy
 from pcbtl.inference import (
+    MCMC_METHODS,
     BatchPlan,
     Posterior,
     check_sampler,
     resolve_chain_method,
+    run_mclmc,
     run_plans,
     run_svi,
     sampler_diagnostics,
@@ -46,6 +48,7 @@ from pcbtl.networks import (
     NetworkFn,
     SourceModel,
     resolve_transfer_layers,
+    split_frozen_trunk,
     transfer_parametrization,
 )
 from pcbtl.priors import (
@@ -94,7 +97,10 @@ def sampler_health(est: Any) -> dict[str, float]:
 
 
 PRIORS = ("last_layer", "scale")
-INFERENCES = ("nuts", "svi")
+INFERENCES = ("auto", "nuts", "mclmc", "svi")
+#: what ``inference="auto"`` runs for the scale prior (chosen on the band-gap measurements)
+AUTO_SCALE_INFERENCE = "nuts"
+PARAMETRIZATIONS = ("auto", "noncentred", "centred", "interweaved")
 
 
 @jax.jit
@@ -203,10 +209,10 @@ class PosteriorRegressor:
 
     @property
     def sampler_diagnostics_(self) -> dict[str, Any]:
-        """NUTS health of the fit across chains (:func:`pcbtl.inference.sampler_diagnostics`),
+        """MCMC health of the fit across chains (:func:`pcbtl.inference.sampler_diagnostics`),
         predictions at the diagnostic inputs included; ``{}`` for SVI."""
         self._check_fitted()
-        if self.posterior_.method != "nuts":
+        if self.posterior_.method not in MCMC_METHODS:
             return {}
         if self.posterior_.diagnostics is None:
             self.posterior_.diagnostics = sampler_diagnostics(
@@ -316,7 +322,7 @@ class PosteriorRegressor:
         """
         loc, scale = affine
         chains, draws = posterior.samples["sigma"].shape[:2]
-        if posterior.method == "nuts":
+        if posterior.method in MCMC_METHODS:
             preds = diagnostic_means
             if preds is None:
                 Xd = self._diagnostic_inputs(X, state)
@@ -493,7 +499,7 @@ class PCTransferRegressor(PosteriorRegressor):
         alpha: float = 0.05,
         U_log_sd: float | None = None,
         reference_X: Any = None,
-        inference: str = "nuts",
+        inference: str = "auto",
         num_warmup: int = 500,
         num_samples: int = 500,
         num_chains: int = 4,
@@ -509,7 +515,9 @@ class PCTransferRegressor(PosteriorRegressor):
         max_reference: int = 4000,
         scale: str = "fan_in",
         max_tree_depth: int = 10,
-        parametrization: str = "noncentred",
+        parametrization: str = "auto",
+        thin: int = 20,
+        init_steps: int = 500,
     ) -> None:
         self.source = source
         self.prior = prior
@@ -535,6 +543,8 @@ class PCTransferRegressor(PosteriorRegressor):
         self.scale = scale
         self.max_tree_depth = max_tree_depth
         self.parametrization = parametrization
+        self.thin = thin
+        self.init_steps = init_steps
         self._check_params()
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -544,9 +554,11 @@ class PCTransferRegressor(PosteriorRegressor):
             raise ValueError(f"source must be a pcbtl.SourceModel, got {type(self.source)}")
         _check_choice(self.prior, PRIORS, "prior")
         _check_choice(self.inference, INFERENCES, "inference")
-        _check_choice(
-            self.parametrization, ("noncentred", "centred", "interweaved"), "parametrization"
-        )
+        _check_choice(self.parametrization, PARAMETRIZATIONS, "parametrization")
+        for name, least in (("thin", 1), ("init_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if isinstance(self.max_tree_depth, bool) or not isinstance(self.max_tree_depth, int):
             raise ValueError(f"max_tree_depth must be an int, got {self.max_tree_depth!r}")
         if not 1 <= self.max_tree_depth <= 15:
@@ -566,6 +578,24 @@ class PCTransferRegressor(PosteriorRegressor):
             check_positive(self.U_log_sd, "U_log_sd")
         if self.scale not in ("fan_in", "unit"):
             raise ValueError(f"scale must be 'fan_in' or 'unit', got {self.scale!r}")
+
+    def _inference(self) -> str:
+        """``inference`` with ``"auto"`` resolved: NUTS for the last layer (65-odd parameters,
+        where it mixes at once), MCLMC for the scale prior (thousands of weights, where NUTS
+        does not; ``benchmarks/README.md``)."""
+        if self.inference != "auto":
+            return self.inference
+        return "nuts" if self.prior == "last_layer" else AUTO_SCALE_INFERENCE
+
+    def _parametrization(self) -> str:
+        """``parametrization`` with ``"auto"`` resolved: centred under MCLMC, non-centred
+        otherwise. Measured on the band-gap task (``benchmarks/README.md``): non-centred MCLMC
+        chains and interweaved ones (centred weights plus the slice updates of ``τ``) fell
+        into the spike of the joint density at ``τ → 0``, ``θ → θ_S`` (an unadjusted sampler
+        is drawn into it); centred ones did not."""
+        if self.parametrization != "auto":
+            return self.parametrization
+        return "centred" if self._inference() == "mclmc" else "noncentred"
 
     def _layers_arg(self) -> Any:
         return "all" if self.transfer_layers is None else self.transfer_layers
@@ -663,12 +693,19 @@ class PCTransferRegressor(PosteriorRegressor):
                 beta_source=setup["beta_source"], chol_G=setup["chol_G"], stats=stats, **common
             )
         tp = setup["tp"]
+        predict_fn, inputs = tp.predict_fn, None if X is None else jnp.asarray(X, jnp.float32)
+        split = split_frozen_trunk(setup["source"], tp)
+        if split is not None and inputs is not None:
+            # the frozen layers below the transfer set give the same output at every step:
+            # computed once here, the sampler evaluates only the transfer layers
+            trunk, predict_fn = split
+            inputs = trunk(inputs)
         return dict(
-            predict_fn=tp.predict_fn,
+            predict_fn=predict_fn,
             theta_source=tp.theta_source,
             scales=tp.scales,
             curve=setup["curve"],
-            X=None if X is None else jnp.asarray(X, jnp.float32),
+            X=inputs,
             y=None if y is None else jnp.asarray(y, jnp.float32),
             **common,
         )
@@ -681,8 +718,10 @@ class PCTransferRegressor(PosteriorRegressor):
         (:func:`pcbtl.inference.run_nuts_batched`); SVI fits its guide. Nothing is stored on
         the estimator unless the whole fit succeeds.
         """
-        if self.inference == "nuts":
+        if self._inference() == "nuts":
             return self._fit_nuts(X, y)
+        if self._inference() == "mclmc":
+            return self._fit_mclmc(X, y)
         self._check_params()
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
@@ -702,10 +741,12 @@ class PCTransferRegressor(PosteriorRegressor):
     def _model(self) -> Callable[..., None]:
         if self.prior == "last_layer":
             return last_layer_pc_model
-        return scale_pc_model if self.parametrization == "noncentred" else _scale_pc_model_centred
+        return (
+            scale_pc_model if self._parametrization() == "noncentred" else _scale_pc_model_centred
+        )
 
     def _interweave(self) -> Interweave | None:
-        if self.prior == "scale" and self.parametrization == "interweaved":
+        if self.prior == "scale" and self._parametrization() == "interweaved":
             return Interweave()
         return None
 
@@ -742,7 +783,38 @@ class PCTransferRegressor(PosteriorRegressor):
         )
 
     def _batchable(self) -> bool:
-        return self.inference == "nuts"
+        return self._inference() == "nuts"
+
+    def _fit_mclmc(self, X: Any, y: Any) -> PCTransferRegressor:
+        """MCLMC from separate optima (:func:`pcbtl.inference.run_mclmc`): ``num_chains``
+        chains, ``num_warmup · thin`` tuning steps and ``num_samples`` draws ``thin`` steps
+        apart per chain; the same grid extension of ``r(τ)`` as :meth:`_fit_nuts`."""
+        self._check_params()
+        X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
+        t0 = time.perf_counter()
+        y, affine = self._standardised(y)
+
+        def sample(tau_reach: float):
+            setup = self._setup(X, y, tau_reach, affine)
+            posterior = run_mclmc(
+                self._model(),
+                self._model_kwargs(setup, X, y),
+                num_warmup=max(int(self.num_warmup) * int(self.thin), 10),
+                num_samples=int(self.num_samples),
+                thin=int(self.thin),
+                num_chains=int(self.num_chains),
+                seed=int(self.seed),
+                init_steps=int(self.init_steps),
+                interweave=self._interweave(),
+            )
+            return setup, posterior
+
+        setup, posterior = sample(0.0)
+        if self.prior == "scale":
+            tau = posterior.flat("tau")
+            if np.mean(tau > float(setup["curve"].tau[-1])) > 0.05:
+                setup, posterior = sample(1.5 * float(np.max(tau)))
+        return self._complete(posterior, X, y, setup, time.perf_counter() - t0)
 
     def _complete(self, posterior: Posterior, X, y, setup, seconds: float) -> PCTransferRegressor:
         """Check the draws and store the fit (the tail of :meth:`fit`)."""

@@ -2,18 +2,21 @@
 
 This layer knows NumPyro models, not estimators. :func:`run_nuts_batched` samples one or many
 fits of a model with several chains each in one compiled program (what every NUTS estimator of
-pcbtl uses); :func:`run_nuts` wraps NumPyro's ``MCMC``; :func:`run_svi` fits an autoguide;
+pcbtl uses); :func:`run_nuts` wraps NumPyro's ``MCMC``; :func:`run_mclmc` runs microcanonical Langevin
+chains from separate optima (the scale prior's default); :func:`run_svi` fits an autoguide;
 :func:`sampler_diagnostics` and :func:`check_sampler` judge NUTS draws across chains, over every
 site and over predictions; :func:`to_inference_data` writes ArviZ ``InferenceData``.
 """
 
 from pcbtl.inference.convert import make_log_density, to_inference_data
 from pcbtl.inference.diagnostics import (
+    MCMC_METHODS,
     SamplerWarning,
     check_sampler,
     rhat_ess,
     sampler_diagnostics,
 )
+from pcbtl.inference.mclmc import run_mclmc
 from pcbtl.inference.nuts import (
     CHAIN_METHODS,
     chain_keys,
@@ -30,6 +33,7 @@ from pcbtl.inference.svi import GUIDES, run_svi
 __all__ = [
     "CHAIN_METHODS",
     "GUIDES",
+    "MCMC_METHODS",
     "BatchPlan",
     "Posterior",
     "SamplerWarning",
@@ -41,6 +45,7 @@ __all__ = [
     "plan_key",
     "resolve_chain_method",
     "rhat_ess",
+    "run_mclmc",
     "run_nuts",
     "run_nuts_batched",
     "run_plans",

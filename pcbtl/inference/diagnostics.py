@@ -1,4 +1,4 @@
-r"""Is a NUTS posterior fit to read? Diagnostics across chains, over every site and prediction.
+r"""Is an MCMC posterior (NUTS or MCLMC) fit to read? Diagnostics across chains, over every site and prediction.
 
 :func:`sampler_diagnostics` computes, across all chains, ArviZ's rank-normalised split
 :math:`\hat R` and bulk and tail effective sample sizes (Vehtari, Gelman, Simpson, Carpenter &
@@ -41,8 +41,12 @@ MAX_ELEMENTS = 20_000
 
 
 class SamplerWarning(RuntimeWarning):
-    """NUTS draws that are not fit to read: chains that disagree, too few effective draws, a
+    """MCMC draws that are not fit to read: chains that disagree, too few effective draws, a
     chain that does not move, or many divergent transitions."""
+
+
+#: the samplers whose draws are judged (SVI draws are independent draws of a fitted guide)
+MCMC_METHODS = ("nuts", "mclmc")
 
 
 def _chains(draws: np.ndarray) -> np.ndarray:
@@ -105,12 +109,12 @@ def sampler_diagnostics(
     predictions: np.ndarray | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    r"""Health of a NUTS run across its chains, over every site and over the predictions.
+    r"""Health of an MCMC run (NUTS or MCLMC) across its chains, over every site and over the predictions.
 
     Parameters
     ----------
     posterior:
-        NUTS draws, ``(chain, draw, ...)`` per site (deterministic sites included).
+        MCMC draws, ``(chain, draw, ...)`` per site (deterministic sites included).
     max_tree_depth:
         The sampler's depth limit, to count trees that hit it (NaN without it).
     predictions:
@@ -134,8 +138,10 @@ def sampler_diagnostics(
         ``prediction_min_bulk_ess`` (NaN without ``predictions``). A single chain is judged
         as its two halves.
     """
-    if posterior.method != "nuts":
-        raise ValueError(f"sampler diagnostics are for NUTS draws, got method={posterior.method!r}")
+    if posterior.method not in MCMC_METHODS:
+        raise ValueError(
+            f"sampler diagnostics are for MCMC draws ({MCMC_METHODS}), got method={posterior.method!r}"
+        )
     nan = float("nan")
     chains, draws = next(iter(posterior.samples.values())).shape[:2]
     out: dict[str, Any] = {
@@ -245,10 +251,11 @@ def check_sampler(
     sites below ``min_ess_share`` of the draws (5 %), their largest :math:`\hat R` above
     ``max_rhat`` (1.1), and more than ``max_prediction_share`` (1 %) of the predictions with
     :math:`\hat R` above ``max_rhat``. The message names the worst site, the share of
-    predictions with :math:`\hat R > 1.05`, the worst weight, and what to try. SVI posteriors
+    predictions with :math:`\hat R > 1.05`, the worst weight, and what to try. MCLMC draws are judged the same way (they have no
+    divergences); SVI posteriors
     are returned unchecked (``{}``).
     """
-    if posterior.method != "nuts":
+    if posterior.method not in MCMC_METHODS:
         return {}
     diag = sampler_diagnostics(posterior, max_tree_depth, predictions=predictions)
     problems: list[str] = []
@@ -292,8 +299,13 @@ def check_sampler(
                 f"{diag['prediction_max_rhat']:.2f})"
             )
         if len(problems) > len(advice):
+            longer = (
+                "raise max_tree_depth"
+                if posterior.method == "nuts"
+                else "space the draws further apart (thin)"
+            )
             advice.append(
-                "run more warm-up and draws or more chains, raise max_tree_depth, or check the "
+                f"run more warm-up and draws or more chains, {longer}, or check the "
                 "model (a prior far from the data mixes slowly)"
             )
     if problems:
@@ -306,7 +318,7 @@ def check_sampler(
         if diag["chains"] == 1:
             extra.append("one chain, judged as its two halves: run num_chains >= 2")
         warnings.warn(
-            "NUTS posterior not fit to read: "
+            f"{posterior.method.upper()} posterior not fit to read: "
             + "; ".join(problems)
             + (f" ({'; '.join(extra)})" if extra else "")
             + ". "
