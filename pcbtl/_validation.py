@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -75,3 +77,75 @@ def check_probability(value: Any, name: str) -> float:
     if not 0.0 < v < 1.0:
         raise ValueError(f"{name} must lie strictly between 0 and 1, got {value!r}")
     return v
+
+
+def check_integer(value: Any, name: str, *, minimum: int | None = None) -> int:
+    """Return ``value`` as an ``int`` (an integer type, not a bool or a float such as 4.7) that
+    is at least ``minimum``, or raise ``ValueError`` naming ``name``."""
+    if isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and v < minimum:
+        qualifier = {0: "a non-negative", 1: "a positive"}.get(minimum, f"an >= {minimum}")
+        raise ValueError(f"{name} must be {qualifier} integer, got {v}")
+    return int(v)
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """Return ``value`` as a finite float ``>= 0``, or raise ``ValueError`` naming ``name``."""
+    if isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be a non-negative number, got the bool {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}") from exc
+    if not np.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return v
+
+
+def collect_errors(*checks: Callable[[], Any]) -> tuple[list[Any], list[str]]:
+    """Run every check and gather the messages of the ``ValueError`` s they raise.
+
+    Returns ``(results, messages)`` with ``None`` in ``results`` where a check failed, so that
+    a function can report all its bad arguments in one error instead of the first only.
+    """
+    results: list[Any] = []
+    messages: list[str] = []
+    for check in checks:
+        try:
+            results.append(check())
+        except ValueError as exc:
+            results.append(None)
+            messages.append(str(exc))
+    return results, messages
+
+
+def json_depth(text: str) -> int:
+    """Greatest nesting depth of ``[``/``{`` in the JSON ``text``, without parsing it.
+
+    Brackets inside string literals do not count: a ``"`` opens or closes a string unless an
+    odd number of backslashes precedes it. Vectorised, linear in ``len(text)`` and free of
+    recursion: meant to be called *before* :func:`json.loads`, whose recursive parser raises
+    ``RecursionError`` on a document nested a few thousand deep.
+    """
+    code = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    if code.size == 0:
+        return 0
+    pos = np.arange(code.size)
+    backslash = code == ord("\\")
+    # index of the last byte at or before i that is not a backslash (-1 if none)
+    last_plain = np.maximum.accumulate(np.where(backslash, -1, pos))
+    run_before = pos - 1 - np.concatenate([[-1], last_plain[:-1]])  # backslashes just before i
+    quote = (code == ord('"')) & (run_before % 2 == 0)
+    outside = np.cumsum(quote) % 2 == 0
+    step = (
+        (code == ord("[")).astype(np.int64)
+        + (code == ord("{"))
+        - (code == ord("]"))
+        - (code == ord("}"))
+    )
+    return int(np.cumsum(np.where(outside, step, 0)).max(initial=0))

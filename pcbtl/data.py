@@ -17,7 +17,10 @@ is, in order of precedence, the ``cache_dir`` argument, the ``PCBTL_CACHE_DIR``
 environment variable, or ``~/.cache/pcbtl``. A download is written to a temporary file in
 the cache directory and moved into place with :func:`os.replace` only after its length and
 checksum have been verified, so an interrupted transfer or a wrong checksum never leaves a
-partial or wrong file under the final name.
+partial or wrong file under the final name. Without a checksum (``sha256=None``) a
+download is kept only when it is provably complete -- its length matches the
+``Content-Length`` header, or, when the server sends none, the file reads to its end in its
+format -- and never when it is an HTML page (see :func:`fetch_file`).
 
 The official files are pandas ``to_json(orient="split")`` documents::
 
@@ -33,6 +36,14 @@ Any loader also accepts ``path=``: a local copy of the official JSON (``.json`` 
 gzip-compressed, detected from the content) or a CSV file with header ``formula,target``
 (a ``composition`` column is accepted in place of ``formula``). Local files are read as
 they are, without a checksum.
+
+Reading is strict (:func:`read_bandgap_file`): every problem in a file is a ``ValueError``
+that names the file and, for a row, its CSV line or JSON ``data[i]`` index -- a truncated
+gzip stream, text that is not UTF-8, a missing or extra field, a target that is empty, not a
+number or not finite (NaN, infinity, ``1e999``). Exact duplicate rows are dropped and
+formulas with conflicting targets kept, both reported by one :class:`DuplicateRowsWarning`
+(the ``duplicates`` argument chooses otherwise). Gzip files are decompressed as a stream
+that stops past ``max_bytes`` (:data:`MAX_FILE_BYTES`, 2 GiB, by default).
 
 ase.db storage
 --------------
@@ -72,22 +83,28 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+import warnings
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from ase import Atoms
 from ase.formula import Formula
 
+from pcbtl._validation import check_integer
+
 __all__ = [
     "MATBENCH_EXPT_GAP",
     "MATBENCH_MP_GAP",
+    "MAX_FILE_BYTES",
     "AseDbData",
     "BandGapData",
     "DatasetInfo",
     "DownloadError",
+    "DuplicateRowsWarning",
     "default_cache_dir",
     "fetch_file",
     "from_ase_db",
@@ -169,6 +186,20 @@ class DownloadError(OSError):
     """A data file could not be downloaded (offline, HTTP error, interrupted transfer)."""
 
 
+class DuplicateRowsWarning(UserWarning):
+    """A data file repeats rows: exact duplicates were dropped and/or a formula has
+    conflicting targets (kept). Raised once per file by :func:`read_bandgap_file` with
+    ``duplicates="drop"`` (the default), with the counts and the first example."""
+
+
+#: Largest content a reader accepts by default, in bytes after gzip decompression (2 GiB);
+#: the ``max_bytes`` argument of :func:`read_bandgap_file` and the loaders.
+MAX_FILE_BYTES = 2 * 1024**3
+
+_DUPLICATE_POLICIES = ("drop", "keep", "error")
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 # --------------------------------------------------------------------------------------
 # Download cache
 # --------------------------------------------------------------------------------------
@@ -188,6 +219,29 @@ def _sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _head(path: Path, n: int = 1024) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(n)
+
+
+def _looks_like_html(head: bytes, content_type: str | None = None) -> bool:
+    """Whether a response is a web page (a login wall, an error or rate-limit page)."""
+    if content_type and content_type.split(";")[0].strip().lower() in (
+        "text/html",
+        "application/xhtml+xml",
+    ):
+        return True
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return start.startswith((b"<!doctype html", b"<html"))
+
+
+def _gzip_blocks(path: Path, block: int = 1 << 20) -> Iterator[bytes]:
+    """The decompressed content of a gzip file, ``block`` bytes at a time (never more)."""
+    with gzip.open(path, "rb") as gz:
+        while chunk := gz.read(block):
+            yield chunk
+
+
 def fetch_file(
     url: str,
     sha256: str | None,
@@ -195,20 +249,31 @@ def fetch_file(
     cache_dir: str | os.PathLike[str] | None = None,
     filename: str | None = None,
     timeout: float = 60.0,
+    check: Callable[[Path], object] | None = None,
 ) -> Path:
     """Return the path of ``url``'s file in the cache, downloading it if needed.
 
-    A cached file is used only if its SHA-256 equals ``sha256`` (``None`` skips the
-    check); otherwise the file is (re-)downloaded to a temporary file in the cache
-    directory, its length is compared with the ``Content-Length`` header and its SHA-256
-    with ``sha256``, and only then is it moved into place with :func:`os.replace`.
+    A cached file is used only if its SHA-256 equals ``sha256``; otherwise the file is
+    (re-)downloaded to a temporary file in the cache directory and moved into place with
+    :func:`os.replace` only once it is known to be complete and right:
+
+    * its length equals the ``Content-Length`` header, when the server sends one;
+    * with ``sha256``: its SHA-256 equals ``sha256`` (this alone proves the file);
+    * with ``sha256=None``: it is not an HTML page (by ``Content-Type`` or content: a login,
+      error or rate-limit page served with status 200), and, when the server sent no
+      ``Content-Length`` (so a cut connection looks like the end of the file), it reads to
+      its end in its own format: ``check(path)`` returns without raising ``ValueError``, or,
+      without ``check``, the file is a gzip stream that reaches its end-of-stream marker.
+      Anything else is not kept. With ``sha256=None`` a cached file is used unless it is an
+      HTML page.
 
     Raises
     ------
     ValueError
         The downloaded file's checksum differs from ``sha256`` (nothing is kept).
     DownloadError
-        No connection, an HTTP error, or an interrupted transfer (nothing is kept).
+        No connection, an HTTP error, an interrupted or unverifiable transfer, or an HTML
+        page instead of the file (nothing is kept).
     """
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     name = filename or Path(urllib.parse.urlparse(url).path).name
@@ -216,8 +281,11 @@ def fetch_file(
         raise ValueError(f"cannot derive a file name from url {url!r}; pass filename=")
     dest = cache / name
     want = sha256.lower() if sha256 else None
-    if dest.is_file() and (want is None or _sha256_of(dest) == want):
-        return dest
+    if dest.is_file():
+        if want is None and not _looks_like_html(_head(dest)):
+            return dest
+        if want is not None and _sha256_of(dest) == want:
+            return dest
 
     cache.mkdir(parents=True, exist_ok=True)
     hint = (
@@ -230,27 +298,58 @@ def fetch_file(
         with os.fdopen(fd, "wb") as out:
             h = hashlib.sha256()
             n_bytes = 0
+            head = b""
             try:
                 req = urllib.request.Request(url, headers={"User-Agent": "pcbtl"})
                 with urllib.request.urlopen(req, timeout=timeout) as resp:
-                    length = resp.headers.get("Content-Length")
+                    length_header = resp.headers.get("Content-Length")
+                    content_type = resp.headers.get("Content-Type")
                     while chunk := resp.read(1 << 20):
+                        if len(head) < 1024:
+                            head += chunk[: 1024 - len(head)]
                         h.update(chunk)
                         out.write(chunk)
                         n_bytes += len(chunk)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
                 raise DownloadError(f"could not download {name} from {url}: {exc}. {hint}") from exc
-        if length is not None and n_bytes != int(length):
+        try:
+            length = int(length_header) if length_header is not None else None
+        except ValueError:
+            length = None
+        if length is not None and n_bytes != length:
             raise DownloadError(
                 f"incomplete download of {name} from {url}: received {n_bytes} of "
-                f"{int(length)} bytes. {hint}"
+                f"{length} bytes. {hint}"
             )
+        page = _looks_like_html(head, content_type)
         got = h.hexdigest()
         if want is not None and got != want:
+            what = " (the server sent an HTML page)" if page else ""
             raise ValueError(
-                f"checksum mismatch for {name} downloaded from {url}: expected sha256 "
+                f"checksum mismatch for {name} downloaded from {url}{what}: expected sha256 "
                 f"{want}, got {got}; the file was discarded"
             )
+        if want is None and page:
+            raise DownloadError(
+                f"{url} answered with an HTML page (a login, error or rate-limit page?), "
+                f"not the data file {name}; nothing was kept. {hint}"
+            )
+        if want is None and length is None:
+            try:
+                if check is not None:
+                    check(tmp)
+                elif head[:2] == _GZIP_MAGIC:
+                    for _ in _gzip_blocks(tmp):
+                        pass
+                else:
+                    raise ValueError("pcbtl has no way to check this file's format")
+            except (ValueError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+                raise DownloadError(
+                    f"the download of {name} from {url} may have been cut short: the server "
+                    f"sent no Content-Length, no sha256 was given to check it, and the file "
+                    f"does not read to its end ({exc}); nothing was kept. Pass sha256= or "
+                    f"retry. {hint}"
+                ) from exc
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -262,11 +361,29 @@ def fetch_file(
 # --------------------------------------------------------------------------------------
 
 
-def _read_bytes(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    return raw
+def _read_bytes(path: Path, max_bytes: int) -> bytes | bytearray:
+    """The file's content, gunzipped (streamed, stopping past ``max_bytes``) if gzip."""
+    if _head(path, 2) != _GZIP_MAGIC:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise ValueError(
+                f"{path}: the file holds {size} bytes, more than max_bytes={max_bytes}; "
+                "pass a larger max_bytes to read it"
+            )
+        return path.read_bytes()
+    buf = bytearray()
+    try:
+        for chunk in _gzip_blocks(path):
+            if len(buf) + len(chunk) > max_bytes:
+                raise ValueError(
+                    f"{path}: decompresses to more than max_bytes={max_bytes} bytes (stopped "
+                    "there: a gzip bomb, or a larger file than expected; pass a larger "
+                    "max_bytes to read it)"
+                )
+            buf += chunk
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise ValueError(f"{path}: not a complete gzip file (truncated or corrupt: {exc})") from exc
+    return buf
 
 
 def _symbol(element: str) -> str:
@@ -298,6 +415,8 @@ def _structure_to_formula_atoms(
             amounts[s] = amounts.get(s, 0.0) + float(sp.get("occu", 1.0))
         best = max(species, key=lambda sp: float(sp.get("occu", 1.0)))
         symbols.append(_symbol(best["element"]))
+    if not amounts:
+        raise ValueError("the structure has no sites")
     if all(abs(v - round(v)) < 1e-8 for v in amounts.values()):
         counts = {k: round(v) for k, v in amounts.items()}
         formula = str(Formula.from_dict(counts).reduce()[0])
@@ -314,11 +433,61 @@ def _structure_to_formula_atoms(
     return formula, atoms
 
 
-def _read_json(path: Path, target: str | None, want_atoms: bool) -> tuple[list, np.ndarray, list]:
-    doc = json.loads(_read_bytes(path))
+def _target(value: Any, path: Path, where: str) -> float:
+    """A row's target as a finite float, or a ``ValueError`` naming the file and row."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValueError(f"{path}, {where}: the target is empty")
+        try:
+            y = float(text)
+        except ValueError:
+            raise ValueError(f"{path}, {where}: target {value!r} is not a number") from None
+    elif isinstance(value, int | float):
+        y = float(value)
+    elif value is None:
+        raise ValueError(f"{path}, {where}: the target is missing (null)")
+    else:
+        raise ValueError(f"{path}, {where}: target {value!r} is not a number")
+    if not math.isfinite(y):
+        raise ValueError(
+            f"{path}, {where}: target {value!r} is not finite (NaN or infinity); "
+            "remove the row or give its value"
+        )
+    return y
+
+
+def _short(value: Any, n: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+class _Table(NamedTuple):
+    formulas: list[str]
+    y: list[float]
+    atoms: list[Atoms]
+    where: list[str]  # "line 7" / "data[5]", for messages
+    keys: list[Any]  # what a duplicate must repeat: the formula or the structure
+
+
+def _read_json(path: Path, raw: bytes | bytearray, target: str | None, want_atoms: bool) -> _Table:
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"{path}, line {exc.lineno} column {exc.colno}: not valid JSON ({exc.msg})"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 JSON ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: the JSON document is nested too deeply to read") from None
     if not (isinstance(doc, dict) and "columns" in doc and "data" in doc):
         raise ValueError(f"{path}: expected a Matbench JSON document with 'columns' and 'data'")
-    columns = list(doc["columns"])
+    columns, data = doc["columns"], doc["data"]
+    if not (isinstance(columns, list) and all(isinstance(c, str) for c in columns)):
+        raise ValueError(f"{path}: 'columns' must be a list of names, got {_short(columns)}")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: 'data' must be a list of rows, got {_short(data)}")
     inputs = [c for c in ("composition", "formula", "structure") if c in columns]
     if not inputs:
         raise ValueError(f"{path}: no 'composition', 'formula' or 'structure' column in {columns}")
@@ -332,37 +501,138 @@ def _read_json(path: Path, target: str | None, want_atoms: bool) -> tuple[list, 
         if len(others) != 1:
             raise ValueError(f"{path}: cannot tell the target column among {columns}")
         y_col = others[0]
-    formulas: list[str] = []
-    atoms: list[Atoms] = []
-    y = np.empty(len(doc["data"]))
-    for r, row in enumerate(doc["data"]):
+    table = _Table([], [], [], [], [])
+    for r, row in enumerate(data):
+        where = f"data[{r}]"
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise ValueError(
+                f"{path}, {where}: expected a list of {len(columns)} values {columns}, "
+                f"got {_short(row)}"
+            )
         value = row[in_col]
         if isinstance(value, dict):
-            f, a = _structure_to_formula_atoms(value, want_atoms)
-            formulas.append(f)
+            try:
+                f, a = _structure_to_formula_atoms(value, want_atoms)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+                raise ValueError(
+                    f"{path}, {where}: not a readable pymatgen structure "
+                    f"({type(exc).__name__}: {exc})"
+                ) from None
             if a is not None:
-                atoms.append(a)
+                table.atoms.append(a)
+        elif isinstance(value, str) and value.strip():
+            f = value.strip()
         else:
-            formulas.append(str(value))
-        y[r] = float(row[y_col])
-    return formulas, y, atoms
+            raise ValueError(
+                f"{path}, {where}: {columns[in_col]!r} must be a formula or a structure, "
+                f"got {_short(value)}"
+            )
+        table.formulas.append(f)
+        table.y.append(_target(row[y_col], path, where))
+        table.where.append(where)
+        table.keys.append(value)
+    return table
 
 
-def _read_csv(path: Path) -> tuple[list[str], np.ndarray]:
-    text = _read_bytes(path).decode("utf-8-sig")
-    reader = csv.DictReader(io.StringIO(text))
-    fields = reader.fieldnames or []
-    f_col = (
-        "formula" if "formula" in fields else ("composition" if "composition" in fields else None)
-    )
-    if f_col is None or "target" not in fields:
-        raise ValueError(f"{path}: CSV header must contain 'formula' and 'target', got {fields}")
-    formulas: list[str] = []
-    ys: list[float] = []
-    for row in reader:
-        formulas.append(row[f_col])
-        ys.append(float(row["target"]))
-    return formulas, np.asarray(ys, dtype=float)
+def _read_csv(path: Path, raw: bytes | bytearray) -> _Table:
+    bom = raw.startswith(b"\xef\xbb\xbf")
+    try:
+        text = raw[3 if bom else 0 :].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start + (3 if bom else 0)].count(b"\n") + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text ({exc.reason}, byte {exc.object[exc.start]:#x}); "
+            "save the file as UTF-8"
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    table = _Table([], [], [], [], [])
+    try:
+        header = [c.strip() for c in next(reader, [])]
+        f_col = next((header.index(c) for c in ("formula", "composition") if c in header), None)
+        if f_col is None or "target" not in header:
+            raise ValueError(
+                f"{path}: CSV header must contain 'formula' and 'target', got {header}"
+            )
+        y_col = header.index("target")
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue  # blank line
+            where = f"line {reader.line_num}"
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{path}, {where}: expected {len(header)} fields ({','.join(header)}), "
+                    f"got {len(row)}: {_short(','.join(row))}"
+                )
+            formula = row[f_col].strip()
+            if not formula:
+                raise ValueError(f"{path}, {where}: empty formula")
+            table.formulas.append(formula)
+            table.y.append(_target(row[y_col], path, where))
+            table.where.append(where)
+            table.keys.append(formula)
+    except csv.Error as exc:
+        raise ValueError(f"{path}, line {reader.line_num}: {exc}") from None
+    return table
+
+
+def _duplicate_key(value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict) else value
+
+
+def _handle_duplicates(path: Path, table: _Table, policy: str) -> list[int]:
+    """Rows to keep under ``policy`` (see :func:`read_bandgap_file`), warning or raising."""
+    if policy == "keep":
+        return list(range(len(table.y)))
+    first_row: dict[tuple[Any, float], int] = {}  # (input, target) -> first row
+    first_input: dict[Any, int] = {}  # input -> first row
+    dropped: list[tuple[int, int]] = []  # (row, the earlier row it repeats)
+    conflicts: dict[Any, tuple[int, int]] = {}  # input -> first two rows that disagree
+    keep: list[int] = []
+    for i, value in enumerate(table.keys):
+        key = _duplicate_key(value)
+        j = first_row.get((key, table.y[i]))
+        if j is not None:
+            if policy == "error":
+                raise ValueError(
+                    f"{path}, {table.where[i]}: repeats {table.where[j]} "
+                    f"({table.formulas[i]}, {table.y[i]:.6g}); pass duplicates='drop' or 'keep'"
+                )
+            dropped.append((i, j))
+            continue
+        first_row[(key, table.y[i])] = i
+        keep.append(i)
+        k = first_input.setdefault(key, i)
+        if k != i and key not in conflicts:
+            if policy == "error":
+                raise ValueError(
+                    f"{path}, {table.where[i]}: {table.formulas[i]} has target {table.y[i]:.6g} "
+                    f"but {table.y[k]:.6g} at {table.where[k]}; pass duplicates='drop' or 'keep'"
+                )
+            conflicts[key] = (k, i)
+    notes = []
+    if dropped:
+        i, j = dropped[0]
+        s = "" if len(dropped) == 1 else "s"
+        notes.append(
+            f"{len(dropped)} exact duplicate row{s} dropped (the first at {table.where[i]}, "
+            f"a repeat of {table.where[j]}: {table.formulas[i]}, {table.y[i]:.6g})"
+        )
+    if conflicts:
+        k, i = next(iter(conflicts.values()))
+        s = "" if len(conflicts) == 1 else "s"
+        notes.append(
+            f"{len(conflicts)} formula{s} with conflicting targets kept as separate rows "
+            f"(the first: {table.formulas[k]} = {table.y[k]:.6g} at {table.where[k]} but "
+            f"{table.y[i]:.6g} at {table.where[i]})"
+        )
+    if notes:
+        warnings.warn(
+            f"{path}: " + "; ".join(notes) + ". duplicates='keep' keeps every row silently, "
+            "duplicates='error' refuses such a file.",
+            DuplicateRowsWarning,
+            stacklevel=3,
+        )
+    return keep
 
 
 def read_bandgap_file(
@@ -371,26 +641,75 @@ def read_bandgap_file(
     target: str | None = None,
     with_structures: bool = False,
     name: str = "",
+    duplicates: str = "drop",
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> BandGapData:
     """Read a band-gap table from a CSV (``formula,target``) or Matbench JSON(.gz) file.
 
     The format is taken from the content: a JSON object (optionally gzip-compressed) is
-    read as a Matbench ``columns``/``data`` document, anything else as CSV. ``target``
+    read as a Matbench ``columns``/``data`` document, anything else as UTF-8 CSV. ``target``
     names the JSON target column (default: the only non-input column).
+
+    Parameters
+    ----------
+    path
+        The file.
+    target
+        JSON target column (default: the only column that is not an input).
+    with_structures
+        Also build ``ase.Atoms`` from a ``structure`` column.
+    name
+        Data-set name stored in the result.
+    duplicates
+        What to do with rows whose input repeats an earlier row's (the formula as written,
+        or the whole structure of structure-keyed JSON):
+
+        * ``"drop"`` (default): an *exact* duplicate (same input, same target) is dropped,
+          the first occurrence kept in place; inputs with *conflicting* targets are kept
+          as separate rows (averaging would invent a measurement, and a model fitted to both
+          rows reads the disagreement as noise). Either case raises one
+          :class:`DuplicateRowsWarning` with the counts and the first example.
+        * ``"keep"``: every row as written, silently (for tables whose rows are distinct
+          materials sharing a formula, such as polymorphs).
+        * ``"error"``: the first repeat or conflict raises ``ValueError``.
+    max_bytes
+        Largest content read, in bytes, after gzip decompression (default
+        :data:`MAX_FILE_BYTES`, 2 GiB). Compressed files are decompressed as a stream and
+        reading stops with ``ValueError`` as soon as the limit is passed, so a small
+        gzip bomb cannot fill the memory.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Anything wrong in the file, always naming the file and, for a row, its CSV line
+        (``line 7``) or its JSON index (``data[5]``): a truncated or corrupt gzip stream,
+        text that is not UTF-8, invalid or too deeply nested JSON, a row with a missing or
+        extra field, an empty formula, a target that is empty, not a number or not finite
+        (NaN, infinity, ``1e999``), an unreadable structure, or content past ``max_bytes``.
     """
+    if duplicates not in _DUPLICATE_POLICIES:
+        raise ValueError(f"duplicates must be one of {_DUPLICATE_POLICIES}, got {duplicates!r}")
+    max_bytes = check_integer(max_bytes, "max_bytes", minimum=1)
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"no such data file: {p}")
-    head = _read_bytes(p)[:64].lstrip()
-    if head.startswith(b"{"):
-        formulas, y, atoms = _read_json(p, target, with_structures)
-        if with_structures and len(atoms) != len(formulas):
+    raw = _read_bytes(p, max_bytes)
+    if raw[:64].lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
+        table = _read_json(p, raw, target, with_structures)
+        if with_structures and len(table.atoms) != len(table.formulas):
             raise ValueError(f"{p}: with_structures=True needs a 'structure' column")
-        return BandGapData(formulas, y, atoms if with_structures else None, name, str(p))
-    if with_structures:
-        raise ValueError(f"{p}: a CSV file holds no structures (with_structures=True)")
-    formulas, y = _read_csv(p)
-    return BandGapData(formulas, y, None, name, str(p))
+    else:
+        if with_structures:
+            raise ValueError(f"{p}: a CSV file holds no structures (with_structures=True)")
+        table = _read_csv(p, raw)
+    del raw
+    keep = _handle_duplicates(p, table, duplicates)
+    formulas = [table.formulas[i] for i in keep]
+    y = np.asarray([table.y[i] for i in keep], dtype=float)
+    atoms = [table.atoms[i] for i in keep] if with_structures else None
+    return BandGapData(formulas, y, atoms, name, str(p))
 
 
 def _load(
@@ -401,12 +720,25 @@ def _load(
     sha256: Any,
     with_structures: bool,
     timeout: float,
+    duplicates: str,
+    max_bytes: int,
 ) -> BandGapData:
     if path is None:
         checksum = info.sha256 if sha256 is _DEFAULT else sha256
-        path = fetch_file(url or info.url, checksum, cache_dir=cache_dir, timeout=timeout)
+
+        def check(p: Path) -> None:  # a download without checksum or length must read
+            read_bandgap_file(p, target=info.target, duplicates="keep", max_bytes=max_bytes)
+
+        path = fetch_file(
+            url or info.url, checksum, cache_dir=cache_dir, timeout=timeout, check=check
+        )
     return read_bandgap_file(
-        path, target=info.target, with_structures=with_structures, name=info.name
+        path,
+        target=info.target,
+        with_structures=with_structures,
+        name=info.name,
+        duplicates=duplicates,
+        max_bytes=max_bytes,
     )
 
 
@@ -417,6 +749,8 @@ def load_matbench_expt_gap(
     *,
     sha256: str | None = _DEFAULT,  # type: ignore[assignment]
     timeout: float = 60.0,
+    duplicates: str = "drop",
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> BandGapData:
     """Load Matbench v0.1 ``matbench_expt_gap`` (4,604 experimental gaps, Zhuo et al. 2018).
 
@@ -433,17 +767,30 @@ def load_matbench_expt_gap(
     sha256
         Expected SHA-256 of the downloaded file. Defaults to the official file's hash
         (``783e7d14...``, from Matbench's dataset metadata); pass another hash when
-        ``url`` points at a different file, or ``None`` to skip the check.
+        ``url`` points at a different file, or ``None`` to skip the check (a download is
+        then kept only when it is provably complete, see :func:`fetch_file`).
     timeout
         Socket timeout in seconds.
+    duplicates, max_bytes
+        See :func:`read_bandgap_file` (exact duplicate rows are dropped with a
+        :class:`DuplicateRowsWarning`; the official file has none).
 
     Returns
     -------
     BandGapData
         ``formulas`` (as written in the data set, some with fractional amounts) and ``y``
         (gap, eV), in the data set's original order (required by Matbench's folds).
+
+    Raises
+    ------
+    ValueError
+        A bad file (see :func:`read_bandgap_file`) or a checksum mismatch.
+    DownloadError
+        The file could not be downloaded, or not verified (see :func:`fetch_file`).
     """
-    return _load(MATBENCH_EXPT_GAP, path, cache_dir, url, sha256, False, timeout)
+    return _load(
+        MATBENCH_EXPT_GAP, path, cache_dir, url, sha256, False, timeout, duplicates, max_bytes
+    )
 
 
 def load_matbench_mp_gap(
@@ -454,6 +801,8 @@ def load_matbench_mp_gap(
     sha256: str | None = _DEFAULT,  # type: ignore[assignment]
     with_structures: bool = False,
     timeout: float = 300.0,
+    duplicates: str = "keep",
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> BandGapData:
     """Load Matbench v0.1 ``matbench_mp_gap`` (106,113 Materials Project PBE gaps).
 
@@ -462,9 +811,22 @@ def load_matbench_mp_gap(
     becomes its reduced formula (via :mod:`ase.formula`; a formula CSV is read as written), and with
     ``with_structures=True`` also an :class:`ase.Atoms` in ``BandGapData.atoms`` (only
     possible from the JSON file, not from a formula CSV). Several polymorphs can share a
-    formula. Materials Project data are licensed CC BY 4.0 (Jain et al. 2013).
+    formula, with different gaps or with the same one (metals: 0), so ``duplicates``
+    defaults to ``"keep"`` here: every row is a material (in the formula CSV copy 6,260
+    formulas have polymorphs with different gaps and 5,195 rows repeat an earlier
+    formula and gap). Materials Project data are licensed CC BY 4.0 (Jain et al. 2013).
     """
-    return _load(MATBENCH_MP_GAP, path, cache_dir, url, sha256, with_structures, timeout)
+    return _load(
+        MATBENCH_MP_GAP,
+        path,
+        cache_dir,
+        url,
+        sha256,
+        with_structures,
+        timeout,
+        duplicates,
+        max_bytes,
+    )
 
 
 # --------------------------------------------------------------------------------------

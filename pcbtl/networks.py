@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
@@ -29,7 +32,16 @@ import optax
 from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
-from pcbtl._validation import check_X, check_Xy
+from pcbtl._validation import (
+    check_integer,
+    check_nonnegative,
+    check_positive,
+    check_probability,
+    check_X,
+    check_Xy,
+    collect_errors,
+    json_depth,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -201,21 +213,32 @@ class SourceModel:
         """Write the model to ``path`` (a NumPy ``.npz`` archive; no pickle).
 
         The archive holds every array under its parameter path plus a JSON header with the
-        format name and version, the architecture, the scalings and ``info``.
+        format name and version, the architecture, the scalings and ``info``. It is written
+        to a uniquely named temporary file in the same directory, flushed to disk
+        (``fsync``) and moved over ``path`` with :func:`os.replace`, so a reader sees the old
+        file or the new one, never a mix, and several processes may save the same path at
+        once (the last one wins). The file gets the mode a new file gets from the process
+        umask (``0o644`` under the usual ``022``).
         """
         path = Path(path)
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
-            "hidden": list(self.hidden),
+            "hidden": [int(h) for h in self.hidden],
             "activation": self.activation,
-            "y_mean": self.y_mean,
-            "y_scale": self.y_scale,
-            "noise_sd": self.noise_sd,
+            "y_mean": float(self.y_mean),
+            "y_scale": float(self.y_scale),
+            "noise_sd": float(self.noise_sd),
             "info": self.info,
         }
+        try:
+            header = json.dumps(meta)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"cannot save the model: info must be JSON-serialisable ({exc})"
+            ) from exc
         arrays: dict[str, np.ndarray] = {
-            "__meta__": np.array(json.dumps(meta)),
+            "__meta__": np.array(header),
             "x_mean": np.asarray(self.x_mean),
             "x_scale": np.asarray(self.x_scale),
             "reference_X": np.asarray(self.reference_X),
@@ -223,56 +246,272 @@ class SourceModel:
         for layer, leaves in self.params.items():
             for name, value in leaves.items():
                 arrays[f"params/{layer}/{name}"] = np.asarray(value)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        tmp.replace(path)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _new_file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_directory(path.parent)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> SourceModel:
-        """Read a model written by :meth:`save`; a corrupt or foreign file raises ``ValueError``."""
+        """Read a model written by :meth:`save`, checking everything before it is used.
+
+        The archive is read member by member with ``allow_pickle=False`` semantics, and a
+        file is refused with a ``ValueError`` naming it unless:
+
+        * its members are exactly the header, ``x_mean``, ``x_scale``, ``reference_X`` and a
+          ``kernel`` and ``bias`` per layer of the architecture the header declares, each a
+          plain numeric ``.npy`` array (the header a string);
+        * each array's declared shape agrees with the bytes it holds, and all together take at
+          most :data:`MAX_MODEL_BYTES` (1 GiB), checked *before* anything is allocated;
+        * the header JSON is at most 4 MiB and nested at most 64 deep (checked before it is
+          parsed), of a known format and version, with positive integer ``hidden`` widths and
+          a known ``activation``;
+        * ``y_mean`` is finite, ``y_scale`` and ``noise_sd`` (``σ_S``) are finite and positive,
+          ``x_mean`` is finite and ``x_scale`` finite and positive (one entry per feature),
+          ``reference_X`` is finite with one column per feature, and every weight is finite
+          with the shape the architecture gives it: ``hidden_0/kernel`` is
+          ``(n_features, hidden[0])``, ``hidden_i/kernel`` is ``(hidden[i-1], hidden[i])``,
+          ``output/kernel`` is ``(hidden[-1], 1)`` and each bias has the kernel's last size.
+
+        Raises
+        ------
+        FileNotFoundError
+            No file at ``path``.
+        ValueError
+            A corrupt, foreign, forged or inconsistent file (the message names the file).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no source model file at {path}")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                files = set(z.files)
-                if "__meta__" not in files:
-                    raise ValueError("missing header")
-                meta = json.loads(str(z["__meta__"]))
-                if meta.get("format") != FORMAT_NAME:
-                    raise ValueError(f"format is {meta.get('format')!r}")
-                if meta.get("version") != FORMAT_VERSION:
-                    raise ValueError(
-                        f"format version {meta.get('version')} is not supported "
-                        f"(this pcbtl reads version {FORMAT_VERSION})"
-                    )
-                params: dict[str, dict[str, np.ndarray]] = {}
-                for key in files:
-                    if key.startswith("params/"):
-                        _, layer, name = key.split("/")
-                        params.setdefault(layer, {})[name] = jnp.asarray(z[key])
-                model = cls(
-                    hidden=tuple(int(h) for h in meta["hidden"]),
-                    activation=str(meta["activation"]),
-                    params=params,
-                    x_mean=np.asarray(z["x_mean"]),
-                    x_scale=np.asarray(z["x_scale"]),
-                    y_mean=float(meta["y_mean"]),
-                    y_scale=float(meta["y_scale"]),
-                    noise_sd=float(meta["noise_sd"]),
-                    reference_X=np.asarray(z["reference_X"]),
-                    info=dict(meta.get("info", {})),
-                )
-        except (zipfile.BadZipFile, OSError, EOFError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path} is not a valid pcbtl SourceModel file: {exc}") from exc
+            return cls._load_checked(path)
         except ValueError as exc:
-            raise ValueError(f"{path} is not a valid pcbtl SourceModel file: {exc}") from exc
-        expected = set(model.layer_names)
-        if set(params) != expected or model.activation not in ACTIVATIONS:
-            raise ValueError(f"{path} is not a valid pcbtl SourceModel file: inconsistent layers")
-        return model
+            raise ValueError(f"{path} is not a valid pcbtl SourceModel file: {exc}") from None
+        except (
+            zipfile.BadZipFile,
+            zipfile.LargeZipFile,
+            NotImplementedError,
+            OSError,
+            EOFError,
+            zlib.error,
+            KeyError,
+            TypeError,
+            RecursionError,
+            MemoryError,
+        ) as exc:
+            raise ValueError(
+                f"{path} is not a valid pcbtl SourceModel file: {type(exc).__name__}: {exc}"
+            ) from None
+
+    @classmethod
+    def _load_checked(cls, path: Path) -> SourceModel:
+        with zipfile.ZipFile(path) as zf:
+            members: dict[str, zipfile.ZipInfo] = {}
+            for item in zf.infolist():
+                if not item.filename.endswith(".npy") or item.filename[:-4] in members:
+                    raise ValueError(f"unexpected or repeated archive member {item.filename!r}")
+                members[item.filename[:-4]] = item
+            total = sum(item.file_size for item in members.values())
+            if total > MAX_MODEL_BYTES:
+                raise ValueError(
+                    f"its arrays take {total} bytes, more than MAX_MODEL_BYTES = "
+                    f"{MAX_MODEL_BYTES} bytes"
+                )
+            if "__meta__" not in members:
+                raise ValueError("missing header (__meta__)")
+            if members["__meta__"].file_size > 4 * _MAX_HEADER_CHARS + 4096:  # UCS-4 + .npy head
+                raise ValueError(f"the header is larger than {_MAX_HEADER_CHARS} characters")
+            meta = _read_header(_read_npy_member(zf, members["__meta__"], "__meta__"))
+            hidden, activation = meta["hidden"], meta["activation"]
+            layers = [f"hidden_{i}" for i in range(len(hidden))] + ["output"]
+            expected = ["x_mean", "x_scale", "reference_X"] + [
+                f"params/{layer}/{leaf}" for layer in layers for leaf in ("kernel", "bias")
+            ]
+            missing = [k for k in expected if k not in members]
+            unexpected = sorted(set(members) - set(expected) - {"__meta__"})
+            if missing or unexpected:
+                raise ValueError(
+                    f"its arrays do not match the declared architecture hidden={hidden}: "
+                    f"missing {missing[:6]}, unexpected {unexpected[:6]}"
+                )
+            arrays = {k: _read_npy_member(zf, members[k], k) for k in expected}
+        for key, arr in arrays.items():
+            if arr.dtype.kind not in "fiu":
+                raise ValueError(f"array {key} has dtype {arr.dtype}, not a number type")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"array {key} contains NaN or infinity")
+            if arr.dtype.kind in "iu":
+                arrays[key] = arr.astype(np.float64)
+        x_mean, x_scale, reference_X = arrays["x_mean"], arrays["x_scale"], arrays["reference_X"]
+        if x_mean.ndim != 1 or x_mean.size < 1:
+            raise ValueError(f"x_mean must be a non-empty vector, got shape {x_mean.shape}")
+        d = x_mean.shape[0]
+        if x_scale.shape != (d,):
+            raise ValueError(f"x_scale has shape {x_scale.shape} but x_mean has shape {(d,)}")
+        if not np.all(x_scale > 0):
+            i = int(np.argmin(x_scale > 0))
+            raise ValueError(f"x_scale must be positive, but entry {i} is {x_scale[i]}")
+        if reference_X.ndim != 2 or reference_X.shape[1] != d:
+            raise ValueError(f"reference_X must have shape (m, {d}), got {reference_X.shape}")
+        fan_in = d
+        for layer, fan_out in zip(layers, [*hidden, 1], strict=True):
+            for leaf, shape in (("kernel", (fan_in, fan_out)), ("bias", (fan_out,))):
+                key = f"params/{layer}/{leaf}"
+                if arrays[key].shape != shape:
+                    raise ValueError(
+                        f"array {key} has shape {arrays[key].shape} but hidden={hidden} with "
+                        f"{d} features gives it shape {shape}"
+                    )
+            fan_in = fan_out
+        params = {
+            layer: {
+                leaf: jnp.asarray(arrays[f"params/{layer}/{leaf}"]) for leaf in ("kernel", "bias")
+            }
+            for layer in layers
+        }
+        return cls(
+            hidden=tuple(hidden),
+            activation=activation,
+            params=params,
+            x_mean=x_mean,
+            x_scale=x_scale,
+            y_mean=meta["y_mean"],
+            y_scale=meta["y_scale"],
+            noise_sd=meta["noise_sd"],
+            reference_X=reference_X,
+            info=meta["info"],
+        )
+
+
+#: Most bytes :meth:`SourceModel.load` reads from one file (all its arrays together): 1 GiB.
+MAX_MODEL_BYTES = 1 << 30
+_MAX_HEADER_CHARS = 4 << 20  # the JSON header of a model file, in characters
+_MAX_HEADER_DEPTH = 64  # its nesting depth
+
+
+def _new_file_mode() -> int:
+    """The mode :func:`open` gives a new file: ``0o666`` less the process umask.
+
+    Read from ``/proc/self/status`` where there is one; elsewhere the umask is read by setting
+    it and setting it back at once.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Flush a directory entry (the rename of a saved file) to disk where the OS allows."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_npy_member(zf: zipfile.ZipFile, item: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """One ``.npy`` member, its header checked against its size before anything is allocated."""
+    with zf.open(item) as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f"array {key}: .npy format version {version} is not supported")
+        if dtype.hasobject or dtype.fields is not None or dtype.kind not in "fiuU":
+            raise ValueError(f"array {key} has dtype {dtype}, which pcbtl does not load")
+        if any(n < 0 for n in shape):
+            raise ValueError(f"array {key} declares the impossible shape {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        held = item.file_size - fh.tell()
+        if nbytes != held:
+            raise ValueError(
+                f"array {key} declares shape {shape} of {dtype} ({nbytes} bytes) but the "
+                f"file holds {held} bytes for it"
+            )
+        data = fh.read(nbytes)
+    if len(data) != nbytes:
+        raise ValueError(f"array {key} is truncated")
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return arr.astype(dtype.newbyteorder("="), order="C", copy=True)
+
+
+def _finite(meta: dict[str, Any], key: str, *, positive: bool) -> float:
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        kind = "a positive finite" if positive else "a finite"
+        raise ValueError(f"{key} must be {kind} number, got {value!r}")
+    return float(value)
+
+
+def _read_header(arr: np.ndarray) -> dict[str, Any]:
+    """The checked JSON header of a model file (see :meth:`SourceModel.load`)."""
+    if arr.dtype.kind != "U" or arr.shape != ():
+        raise ValueError(f"the header __meta__ must be a string, got {arr.dtype} {arr.shape}")
+    text = str(arr[()])
+    if len(text) > _MAX_HEADER_CHARS:
+        raise ValueError(f"the header holds {len(text)} characters (limit {_MAX_HEADER_CHARS})")
+    depth = json_depth(text)
+    if depth > _MAX_HEADER_DEPTH:
+        raise ValueError(f"the header JSON is nested {depth} deep (limit {_MAX_HEADER_DEPTH})")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"the header is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"the header must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"format is {meta.get('format')!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"format version {meta.get('version')} is not supported "
+            f"(this pcbtl reads version {FORMAT_VERSION})"
+        )
+    hidden = meta.get("hidden")
+    if not (
+        isinstance(hidden, list)
+        and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)
+    ):
+        raise ValueError(f"hidden must be a list of positive integer widths, got {hidden!r}")
+    activation = meta.get("activation")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    info = meta.get("info", {})
+    if not isinstance(info, dict):
+        raise ValueError(f"info must be a JSON object, got {type(info).__name__}")
+    return {
+        "hidden": [int(h) for h in hidden],
+        "activation": activation,
+        "y_mean": _finite(meta, "y_mean", positive=False),
+        "y_scale": _finite(meta, "y_scale", positive=True),
+        "noise_sd": _finite(meta, "noise_sd", positive=True),
+        "info": info,
+    }
 
 
 def train_source(
@@ -299,18 +538,84 @@ def train_source(
     has not improved for ``patience`` epochs; the best parameters are kept. The noise sd of the
     source predictive, ``σ_S``, is the validation RMSE. ``n_reference`` source inputs are kept
     as the source part of the default reference distribution of the PC prior.
+
+    Every argument is checked before anything is compiled or trained, and all the problems
+    are reported together in one ``ValueError``:
+
+    * ``X`` (rows = inputs) and ``y`` finite, of matching lengths, at least 10 rows;
+    * ``hidden`` a sequence of positive integers (widths; ``()`` is a linear model), and
+      ``activation`` one of :data:`ACTIVATIONS`;
+    * ``0 < learning_rate <= 1``: inputs and labels are standardised, and Adam moves each
+      weight by about ``learning_rate`` per step, so a step above 1 can only diverge (the
+      default ``1e-3`` is the usual choice);
+    * ``weight_decay >= 0`` and finite (AdamW's decoupled decay);
+    * ``batch_size >= 1``, ``max_epochs >= 1``, ``patience >= 0``, ``n_reference >= 0`` and
+      ``seed >= 0`` integers (not floats such as ``4.7``);
+    * ``0 < validation_fraction < 1``, leaving at least one training row;
+    * ``featurizer`` ``None`` or a JSON-serialisable dict (it is saved with the model).
     """
-    X, y = check_Xy(X, y, min_rows=10)
-    hidden = tuple(int(h) for h in hidden)
-    if any(h < 1 for h in hidden):
-        raise ValueError(f"hidden must hold positive widths, got {hidden}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs)):
-        if int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+    try:
+        n_rows = len(X)  # for the validation split's check (X itself is checked below)
+    except TypeError:
+        n_rows = 0
+
+    def check_hidden() -> tuple[int, ...]:
+        if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence | np.ndarray):
+            raise ValueError(f"hidden must be a sequence of layer widths, got {hidden!r}")
+        return tuple(check_integer(h, f"hidden[{i}]", minimum=1) for i, h in enumerate(hidden))
+
+    def check_activation() -> str:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        return activation
+
+    def check_learning_rate() -> float:
+        lr = check_positive(learning_rate, "learning_rate")
+        if lr > 1.0:
+            raise ValueError(
+                f"learning_rate must be at most 1 (Adam on standardised data), got {lr!r}"
+            )
+        return lr
+
+    def check_validation_fraction() -> float:
+        fraction = check_probability(validation_fraction, "validation_fraction")
+        if n_rows and n_rows - max(1, int(round(fraction * n_rows))) < 1:
+            raise ValueError(
+                f"validation_fraction={fraction} leaves no training rows out of {n_rows}"
+            )
+        return fraction
+
+    def check_featurizer() -> dict[str, Any] | None:
+        if featurizer is None:
+            return None
+        if not isinstance(featurizer, dict):
+            raise ValueError(f"featurizer must be a dict or None, got {type(featurizer).__name__}")
+        try:
+            json.dumps(featurizer)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"featurizer must be JSON-serialisable: {exc}") from None
+        return featurizer
+
+    checked, problems = collect_errors(
+        lambda: check_Xy(X, y, min_rows=10),
+        check_hidden,
+        check_activation,
+        check_learning_rate,
+        lambda: check_nonnegative(weight_decay, "weight_decay"),
+        lambda: check_integer(batch_size, "batch_size", minimum=1),
+        lambda: check_integer(max_epochs, "max_epochs", minimum=1),
+        lambda: check_integer(patience, "patience", minimum=0),
+        check_validation_fraction,
+        lambda: check_integer(n_reference, "n_reference", minimum=0),
+        lambda: check_integer(seed, "seed", minimum=0),
+        check_featurizer,
+    )
+    if problems:
+        if len(problems) == 1:
+            raise ValueError(problems[0])
+        raise ValueError(f"train_source: {len(problems)} invalid arguments: " + "; ".join(problems))
+    (X, y), hidden, activation, learning_rate, weight_decay = checked[:5]
+    batch_size, max_epochs, patience, validation_fraction, n_reference, seed = checked[5:11]
 
     rng = np.random.default_rng(seed)
     n = X.shape[0]

@@ -7,8 +7,10 @@ import gzip
 import hashlib
 import json
 import math
+import re
 import socket
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -57,6 +59,9 @@ class _Server:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.truncate: set[str] = set()  # paths answered with a short body
+        self.cut: dict[str, int] = {}  # paths answered with only their first n bytes
+        self.no_length: set[str] = set()  # paths answered without Content-Length
+        self.content_type: dict[str, str] = {}
         self.hits: dict[str, int] = {}
         outer = self
 
@@ -68,11 +73,13 @@ class _Server:
                     self.send_error(404)
                     return
                 self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(body)))
+                ctype = outer.content_type.get(self.path, "application/octet-stream")
+                self.send_header("Content-Type", ctype)
+                if self.path not in outer.no_length:
+                    self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                if self.path in outer.truncate:
-                    self.wfile.write(body[: len(body) // 2])
+                if self.path in outer.truncate or self.path in outer.cut:
+                    self.wfile.write(body[: outer.cut.get(self.path, len(body) // 2)])
                     self.wfile.flush()
                     self.close_connection = True
                     return
@@ -196,6 +203,64 @@ def test_interrupted_transfer_leaves_no_half_file(server: _Server, tmp_path: Pat
     assert _cache_listing(cache) == []
 
 
+def _expt_json_gz(rows: list[tuple[str, float]]) -> bytes:
+    doc = {
+        "index": list(range(len(rows))),
+        "columns": ["composition", "gap expt"],
+        "data": [[f, y] for f, y in rows],
+    }
+    return gzip.compress(json.dumps(doc).encode())
+
+
+_SMALL_CSV = b"formula,target\n" + b"".join(b"Na%dCl,%d.25\n" % (i, i) for i in range(1, 3000))
+
+
+@pytest.mark.parametrize("kind", ["gzip", "csv"])
+def test_cut_transfer_without_length_or_checksum_is_not_kept(
+    server: _Server, tmp_path: Path, kind: str
+) -> None:
+    # no Content-Length and no checksum: only the file's own format can tell a cut transfer
+    if kind == "gzip":
+        path, body = "/matbench_expt_gap.json.gz", _expt_json_gz([("NaCl", 8.5)] * 2000)
+        cut = len(body) // 2
+    else:
+        path, body = "/cut.csv", _SMALL_CSV
+        cut = body.index(b"Na1500Cl,") + len(b"Na1500Cl,")  # the last row lost its target
+    server.files[path] = body
+    server.cut[path] = cut
+    server.no_length.add(path)
+    cache = tmp_path / "cache"
+    with pytest.raises(DownloadError, match="cut short"):
+        load_matbench_expt_gap(cache_dir=cache, url=server.url(path), sha256=None)
+    assert _cache_listing(cache) == []
+
+
+@pytest.mark.parametrize("ctype", ["text/html; charset=utf-8", "application/octet-stream"])
+def test_html_page_is_never_cached(server: _Server, tmp_path: Path, ctype: str) -> None:
+    # a login wall / rate-limit page answered with 200 and a correct Content-Length
+    page = b"\n<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>...</body></html>"
+    server.files["/matbench_expt_gap.json.gz"] = page
+    server.content_type["/matbench_expt_gap.json.gz"] = ctype
+    url = server.url("/matbench_expt_gap.json.gz")
+    cache = tmp_path / "cache"
+    for _ in range(2):  # and the next call asks the server again
+        with pytest.raises(DownloadError, match="HTML page"):
+            load_matbench_expt_gap(cache_dir=cache, url=url, sha256=None)
+        assert _cache_listing(cache) == []
+    assert server.hits["/matbench_expt_gap.json.gz"] == 2
+
+
+def test_complete_file_without_length_or_checksum_is_kept(server: _Server, tmp_path: Path) -> None:
+    server.files["/whole.csv"] = _SMALL_CSV
+    server.no_length.add("/whole.csv")
+    cache = tmp_path / "cache"
+    d = load_matbench_expt_gap(cache_dir=cache, url=server.url("/whole.csv"), sha256=None)
+    assert len(d) == 2999 and d.y[-1] == 2999.25
+    assert _cache_listing(cache) == ["whole.csv"]
+    load_matbench_expt_gap(cache_dir=cache, url=server.url("/whole.csv"), sha256=None)
+    assert server.hits["/whole.csv"] == 1
+
+
 def test_http_error_is_reported(server: _Server, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="path="):
         load_matbench_expt_gap(cache_dir=tmp_path, url=server.url("/nope.json.gz"))
@@ -314,6 +379,129 @@ def test_bad_local_files(tmp_path: Path) -> None:
     q.write_text("formula,target\nNaCl,1\n")
     with pytest.raises(ValueError, match="structures"):
         load_matbench_mp_gap(path=q, with_structures=True)
+
+
+_JSON_HEAD = '{"columns": ["composition", "gap expt"], "data": '
+
+_BAD_FILES = [
+    # (case, file name, content, where the message must point)
+    ("empty-target", "a.csv", b"formula,target\nNaCl,8.5\nGaAs,", "line 3"),
+    ("missing-target", "b.csv", b"formula,target\nNaCl,8.5\nGa", "line 3"),
+    ("text-target", "c.csv", b"formula,target\nNaCl,8.5\nSi,one\n", "line 3"),
+    ("empty-formula", "d.csv", b"formula,target\n,1.0\n", "line 2"),
+    ("extra-field", "e.csv", b"formula,target\nNaCl,8.5,7\n", "line 2"),
+    ("not-utf8", "f.csv", "formula,target\nNaCl,8.5\nCaé,2\n".encode("latin-1"), "line 3"),
+    ("cut-gzip", "g.json.gz", _expt_json_gz([("NaCl", 8.5)] * 500)[:300], "truncated"),
+    (
+        "null-target",
+        "h.json",
+        (_JSON_HEAD + '[["NaCl", 8.5], ["GaAs", null]]}').encode(),
+        r"data\[1\]",
+    ),
+    ("short-row", "i.json", (_JSON_HEAD + '[["NaCl", 8.5], ["GaAs"]]}').encode(), r"data\[1\]"),
+    ("number-formula", "j.json", (_JSON_HEAD + "[[7, 8.5]]}").encode(), r"data\[0\]"),
+    ("json-syntax", "k.json", (_JSON_HEAD + '[["NaCl", 8.5],\n ["GaAs" 1.4]]}').encode(), "line 2"),
+    ("deep-json", "l.json", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested"),
+    (
+        "bad-structure",
+        "m.json",
+        b'{"columns": ["structure", "gap pbe"], "data": [[{"sites": [{}]}, 0.0]]}',
+        r"data\[0\]",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [case[1:] for case in _BAD_FILES],
+    ids=[case[0] for case in _BAD_FILES],
+)
+def test_bad_rows_raise_value_error_naming_file_and_row(
+    tmp_path: Path, name: str, content: bytes, where: str
+) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as info:
+        load_matbench_expt_gap(path=path)
+    msg = str(info.value)
+    assert str(path) in msg, msg
+    assert re.search(where, msg), msg
+
+
+@pytest.mark.parametrize("value", [b"nan", b"NaN", b"inf", b"-inf", b"1e999", b"-1E400"])
+def test_non_finite_targets_are_rejected(tmp_path: Path, value: bytes) -> None:
+    path = tmp_path / "nonfinite.csv"
+    path.write_bytes(b"formula,target\nNaCl,8.5\nSi," + value + b"\nGaAs,1.4\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*line 3.*finite"):
+        read_bandgap_file(path)
+    js = tmp_path / "nonfinite.json"
+    token = {b"nan": b"NaN", b"inf": b"Infinity", b"-inf": b"-Infinity"}.get(value.lower(), value)
+    js.write_bytes(_JSON_HEAD.encode() + b'[["NaCl", 8.5], ["Si", ' + token + b"]]}")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(js))}.*data\[1\].*finite"):
+        read_bandgap_file(js)
+
+
+_DUPLICATES = b"formula,target\nNaCl,8.5\nSi,1.1\nNaCl,8.5\nSi,1.2\nNaCl,8.50\nGaAs,1.4\n"
+
+
+def test_duplicate_rows_dropped_with_a_warning_conflicts_kept(tmp_path: Path) -> None:
+    path = tmp_path / "dups.csv"
+    path.write_bytes(_DUPLICATES)
+    with pytest.warns(pdata.DuplicateRowsWarning) as record:
+        d = load_matbench_expt_gap(path=path)
+    assert len(record) == 1
+    msg = str(record[0].message)
+    assert str(path) in msg and "2 exact duplicate rows dropped" in msg and "line 4" in msg
+    assert "1 formula with conflicting targets" in msg and "Si" in msg
+    assert d.formulas == ["NaCl", "Si", "Si", "GaAs"]  # first occurrences, in file order
+    assert d.y.tolist() == [8.5, 1.1, 1.2, 1.4]
+
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}.*line 4.*line 2"):
+        read_bandgap_file(path, duplicates="error")
+    kept = read_bandgap_file(path, duplicates="keep")  # no warning (warnings are errors here)
+    assert len(kept) == 6
+    with pytest.raises(ValueError, match="duplicates"):
+        read_bandgap_file(path, duplicates="average")
+
+
+def test_conflicting_rows_alone_are_reported(tmp_path: Path) -> None:
+    path = tmp_path / "conflict.json"
+    path.write_text(_JSON_HEAD + '[["Si", 1.1], ["GaAs", 1.4], ["Si", 0.6]]}')
+    with pytest.warns(pdata.DuplicateRowsWarning, match="conflicting") as record:
+        d = read_bandgap_file(path)
+    assert "exact duplicate" not in str(record[0].message)
+    assert d.formulas == ["Si", "GaAs", "Si"]
+
+
+def test_mp_gap_keeps_polymorphs_sharing_a_formula(tmp_path: Path) -> None:
+    # mp_gap rows are crystal structures: polymorphs share a formula (and metals a gap of 0)
+    path = tmp_path / "mp.csv"
+    path.write_text("formula,target\nTiO2,1.8\nTiO2,2.1\nFe,0\nFe,0\n")
+    d = load_matbench_mp_gap(path=path)
+    assert d.formulas == ["TiO2", "TiO2", "Fe", "Fe"]
+    with pytest.warns(pdata.DuplicateRowsWarning):
+        assert len(load_matbench_mp_gap(path=path, duplicates="drop")) == 3
+
+
+def test_gzip_bomb_stops_at_the_size_limit(tmp_path: Path) -> None:
+    assert pdata.MAX_FILE_BYTES == 2 * 1024**3
+    bomb = tmp_path / "bomb.json.gz"
+    bomb.write_bytes(gzip.compress(b"formula,target\n" + b" " * (24 << 20), compresslevel=1))
+    assert bomb.stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=rf"{re.escape(str(bomb))}.*1048576 bytes"):
+            load_matbench_expt_gap(path=bomb, max_bytes=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # streamed: never inflated to its 24 MiB
+    plain = tmp_path / "big.csv"
+    plain.write_bytes(b"formula,target\n" + b"NaCl,1\n" * 200_000)
+    with pytest.raises(ValueError, match="max_bytes"):
+        read_bandgap_file(plain, max_bytes=1 << 20)
+    with pytest.raises(ValueError, match="max_bytes"):
+        read_bandgap_file(plain, max_bytes=0)
 
 
 # ---------------------------------------------------------------------------- ase.db
