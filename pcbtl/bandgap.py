@@ -80,7 +80,7 @@ class BandGapConfig:
     svi_steps: int = 4000
     scale_layers: int = 2  # the scale prior acts on the last ``scale_layers`` layers
     scale_inference: str = "nuts"
-    scale_draws: int = 300  # warmup and draws of the (costlier) scale-prior NUTS fits
+    scale_draws: int | None = 300  # warm-up and draws of the scale fits; None: the estimator's
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -139,13 +139,13 @@ def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None)
     sampler = dict(num_warmup=config.num_warmup, num_samples=config.num_samples, seed=config.seed)
     quiet = dict(progress_bar=False)
 
-    scale_opts = dict(
+    scale_opts: dict[str, Any] = dict(
         transfer_layers=config.scale_layers,
         inference=config.scale_inference,
         svi_steps=config.svi_steps,
-        num_warmup=min(config.num_warmup, config.scale_draws),
-        num_samples=min(config.num_samples, config.scale_draws),
     )
+    if config.scale_draws is not None:
+        scale_opts.update(num_warmup=config.scale_draws, num_samples=config.scale_draws)
 
     def pc(prior: str) -> PCTransferRegressor:
         if prior == "scale":

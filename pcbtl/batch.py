@@ -509,7 +509,7 @@ def _nonfinite_sites(est: Any) -> list[str]:
 
 
 def _idata_for(est: Any, task: _Task):
-    import arviz as az
+    from pcbtl.inference import idata_from_groups
 
     idata = getattr(est, "idata_", None)
     if idata is not None:
@@ -517,8 +517,8 @@ def _idata_for(est: Any, task: _Task):
     if task.X_test is None:
         return None
     mu, sd = est.predict(task.X_test, return_std=True)
-    return az.from_dict(
-        predictions={"mean": np.asarray(mu)[None, None], "sd": np.asarray(sd)[None, None]},
+    return idata_from_groups(
+        {"predictions": {"mean": np.asarray(mu)[None, None], "sd": np.asarray(sd)[None, None]}},
         attrs={"pcbtl_method": type(est).__name__},
     )
 

@@ -28,6 +28,7 @@ from pcbtl.inference import (
     BatchPlan,
     Posterior,
     check_sampler,
+    concatenate_chains,
     resolve_chain_method,
     run_mclmc,
     run_plans,
@@ -97,9 +98,7 @@ def sampler_health(est: Any) -> dict[str, float]:
 
 
 PRIORS = ("last_layer", "scale")
-INFERENCES = ("auto", "nuts", "mclmc", "svi")
-#: what ``inference="auto"`` runs for the scale prior (chosen on the band-gap measurements)
-AUTO_SCALE_INFERENCE = "nuts"
+INFERENCES = ("nuts", "mclmc", "svi")
 PARAMETRIZATIONS = ("auto", "noncentred", "centred", "interweaved")
 
 
@@ -440,8 +439,14 @@ class PCTransferRegressor(PosteriorRegressor):
         layer. With several JAX devices (GPUs, or CPU host devices from
         ``numpyro.set_host_device_count``) each device runs its own chains.
     inference:
-        ``"nuts"`` (default) or ``"svi"`` (mean-field Gaussian guide; see
-        :func:`pcbtl.inference.run_svi` for what it approximates).
+        ``"nuts"`` (default), ``"mclmc"`` or ``"svi"`` (mean-field Gaussian guide; see
+        :func:`pcbtl.inference.run_svi` for what it approximates). ``"mclmc"``
+        (:func:`pcbtl.inference.run_mclmc`): unadjusted microcanonical Langevin chains, each
+        from its own random start optimised for ``init_steps`` Adam steps, ``num_warmup ·
+        thin`` tuning steps, then ``num_samples`` draws ``thin`` steps apart. It agrees with
+        NUTS on small tasks (tested) at a fixed cost per draw, but on the band-gap task (8,321
+        weights) its chains disagreed and some drifted to extreme weights
+        (``benchmarks/README.md``, ``bench_sampler.py``): read its diagnostics.
     sigma_scale:
         Scale of the HalfNormal prior on ``σ``; ``None`` uses the sd of the source labels.
     n_eps, n_tau, max_reference, scale:
@@ -459,7 +464,12 @@ class PCTransferRegressor(PosteriorRegressor):
         are the same prior (see :func:`pcbtl.models.scale_pc_model`). ``"interweaved"``
         takes ``τ`` out of NUTS: NUTS samples the centred weights and ``σ`` given ``τ``, and
         ``τ`` gets a centred and a non-centred slice update per iteration (NUTS within Gibbs
-        with ancillarity–sufficiency interweaving, :mod:`pcbtl.interweave`).
+        with ancillarity–sufficiency interweaving, :mod:`pcbtl.interweave`). ``"auto"``
+        (default): centred under ``inference="mclmc"`` (measured: non-centred MCLMC chains fell
+        into ``τ → 0``), non-centred otherwise.
+    thin, init_steps:
+        ``inference="mclmc"`` only: integrator steps between kept draws, and Adam steps from
+        each chain's random start before tuning.
     max_tree_depth:
         NUTS tree-depth limit (at most ``2^depth − 1`` leapfrog steps per draw).
 
@@ -499,7 +509,7 @@ class PCTransferRegressor(PosteriorRegressor):
         alpha: float = 0.05,
         U_log_sd: float | None = None,
         reference_X: Any = None,
-        inference: str = "auto",
+        inference: str = "nuts",
         num_warmup: int = 500,
         num_samples: int = 500,
         num_chains: int = 4,
@@ -580,12 +590,7 @@ class PCTransferRegressor(PosteriorRegressor):
             raise ValueError(f"scale must be 'fan_in' or 'unit', got {self.scale!r}")
 
     def _inference(self) -> str:
-        """``inference`` with ``"auto"`` resolved: NUTS for the last layer (65-odd parameters,
-        where it mixes at once), MCLMC for the scale prior (thousands of weights, where NUTS
-        does not; ``benchmarks/README.md``)."""
-        if self.inference != "auto":
-            return self.inference
-        return "nuts" if self.prior == "last_layer" else AUTO_SCALE_INFERENCE
+        return self.inference
 
     def _parametrization(self) -> str:
         """``parametrization`` with ``"auto"`` resolved: centred under MCLMC, non-centred
@@ -785,10 +790,21 @@ class PCTransferRegressor(PosteriorRegressor):
     def _batchable(self) -> bool:
         return self._inference() == "nuts"
 
+    #: how many times chains that fell into the spike at ``τ → 0`` are replaced (MCLMC)
+    MAX_RESTARTS = 2
+
     def _fit_mclmc(self, X: Any, y: Any) -> PCTransferRegressor:
         """MCLMC from separate optima (:func:`pcbtl.inference.run_mclmc`): ``num_chains``
         chains, ``num_warmup · thin`` tuning steps and ``num_samples`` draws ``thin`` steps
-        apart per chain; the same grid extension of ``r(τ)`` as :meth:`_fit_nuts`."""
+        apart per chain; the same grid extension of ``r(τ)`` as :meth:`_fit_nuts`.
+
+        The centred density has a spike at ``τ → 0``, ``θ → θ_S`` (``∏ N(θ_j; θ_{S,j}, τ²s_j²)``
+        grows like ``τ^{−D}``) whose posterior mass is negligible when the data pull away from
+        the source, but into which an unadjusted sampler can fall (measured on the band-gap
+        task: 2 of 4 chains in one fit). Chains whose median ``τ`` is below 5 % of the largest
+        chain median are replaced by chains of a fresh run (new seed), at most
+        ``MAX_RESTARTS`` times; ``restarted_chains_`` counts them. When every chain sits near
+        ``τ = 0`` (the data agree with the source) nothing is replaced."""
         self._check_params()
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
@@ -796,17 +812,36 @@ class PCTransferRegressor(PosteriorRegressor):
 
         def sample(tau_reach: float):
             setup = self._setup(X, y, tau_reach, affine)
-            posterior = run_mclmc(
-                self._model(),
-                self._model_kwargs(setup, X, y),
-                num_warmup=max(int(self.num_warmup) * int(self.thin), 10),
-                num_samples=int(self.num_samples),
-                thin=int(self.thin),
-                num_chains=int(self.num_chains),
-                seed=int(self.seed),
-                init_steps=int(self.init_steps),
-                interweave=self._interweave(),
-            )
+            kwargs = self._model_kwargs(setup, X, y)
+
+            def run(seed: int, chains: int) -> Posterior:
+                return run_mclmc(
+                    self._model(),
+                    kwargs,
+                    num_warmup=max(int(self.num_warmup) * int(self.thin), 10),
+                    num_samples=int(self.num_samples),
+                    thin=int(self.thin),
+                    num_chains=chains,
+                    seed=seed,
+                    init_steps=int(self.init_steps),
+                    interweave=self._interweave(),
+                )
+
+            posterior = run(int(self.seed), int(self.num_chains))
+            restarted = 0
+            for attempt in range(1, self.MAX_RESTARTS + 1):
+                bad = _collapsed_chains(posterior) if self.prior == "scale" else []
+                if not bad or len(bad) == posterior.num_chains:
+                    break
+                # as many fresh chains as fell in (a new seed), judged against the good ones
+                fresh = run(int(self.seed) + 7919 * attempt, len(bad))
+                pooled = concatenate_chains([posterior, fresh])
+                fell = set(_collapsed_chains(pooled))
+                good = [c for c in range(fresh.num_chains) if posterior.num_chains + c not in fell]
+                take = good[: len(bad)]
+                restarted += len(take)
+                posterior = _replace_chains(posterior, bad[: len(take)], fresh, take)
+            setup["restarted_chains"] = restarted
             return setup, posterior
 
         setup, posterior = sample(0.0)
@@ -860,6 +895,7 @@ class PCTransferRegressor(PosteriorRegressor):
             self.curve_rel_se_ = setup["curve_rel_se"]
             self.transfer_layers_ = setup["tp"].layers
             self.tau_beyond_curve_ = beyond
+            self.restarted_chains_ = int(setup.get("restarted_chains", 0))
         self.fit_seconds_ = seconds
         return self
 
@@ -920,6 +956,38 @@ class PCTransferRegressor(PosteriorRegressor):
         prior = ScalePC(setup["curve"], sigma, rate)
         tau = prior.sample(k_theta)
         return np.asarray(distance_curve_value(setup["curve"], tau) / sigma)
+
+
+def _collapsed_chains(posterior: Posterior, site: str = "tau", share: float = 0.05) -> list[int]:
+    """Chains whose median ``site`` is below ``share`` of the largest chain median."""
+    med = np.median(np.asarray(posterior.samples[site]).reshape(posterior.num_chains, -1), axis=1)
+    top = float(np.max(med))
+    if not np.isfinite(top) or top <= 0:
+        return []
+    return [int(c) for c in np.nonzero(med < share * top)[0]]
+
+
+def _replace_chains(
+    posterior: Posterior, out: list[int], fresh: Posterior, take: list[int]
+) -> Posterior:
+    """``posterior`` with its chains ``out`` replaced by the chains ``take`` of ``fresh``."""
+    if not out:
+        return posterior
+
+    def swap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a = np.array(a, copy=True)
+        a[out] = np.asarray(b)[take]
+        return a
+
+    return Posterior(
+        samples={k: swap(v, fresh.samples[k]) for k, v in posterior.samples.items()},
+        sample_stats={
+            k: swap(v, fresh.sample_stats[k])
+            for k, v in posterior.sample_stats.items()
+            if k in fresh.sample_stats
+        },
+        method=posterior.method,
+    )
 
 
 def _realised_shift(means: np.ndarray, g_source: np.ndarray, sigma: np.ndarray) -> np.ndarray:

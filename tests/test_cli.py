@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 
 from pcbtl.cli import main
+from pcbtl.inference import idata_group, idata_groups
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"\sArviZ is undergoing", category=FutureWarning)
@@ -27,11 +28,11 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
         "source_model.npz",
     ):
         assert (tmp_path / name).stat().st_size > 0, name
-    idata = az.from_netcdf(tmp_path / "pc_scale.nc")
+    idata = az.from_netcdf(tmp_path / "pc_scale.nc")  # InferenceData (ArviZ 0.x) or DataTree
     assert {"posterior", "posterior_predictive", "log_likelihood", "sample_stats"} <= set(
-        idata.groups()
+        idata_groups(idata)
     )
-    assert np.all(np.isfinite(idata.posterior["distance"].values))
+    assert np.all(np.isfinite(idata_group(idata, "posterior")["distance"].values))
     # the PC prior must beat the biased source on the shifted synthetic target
     lines = {line[:24].strip(): line[24:].split() for line in out.splitlines() if line[:24].strip()}
     assert float(lines["PC prior (scale)"][0]) < float(lines["source-only"][0])

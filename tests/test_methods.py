@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pcbtl
+from pcbtl.inference import idata_group
 from pcbtl.methods import (
     BayesianLastLayerRegressor,
     fit_replicates,
@@ -248,8 +249,8 @@ def test_batched_replicates_match_one_by_one_fits(task, source):
             own = np.sqrt(np.mean((est.predict(task.X_test) - preds[r]) ** 2))
             other = np.sqrt(np.mean((est.predict(task.X_test) - preds[1 - r]) ** 2))
             assert own < 0.05 and own < other, (cls_name, r, own, other)
-            assert est.idata_.posterior.sizes["draw"] == 200
-            assert est.idata_.posterior.sizes["chain"] == 2
+            assert idata_group(est.idata_, "posterior").sizes["draw"] == 200
+            assert idata_group(est.idata_, "posterior").sizes["chain"] == 2
     assert isinstance(batch[0], pcbtl.PCTransferRegressor)
     assert isinstance(make_method("bayes-last-layer", source), BayesianLastLayerRegressor)
     assert jax.default_backend() in ("cpu", "gpu", "tpu")

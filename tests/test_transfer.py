@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import pcbtl
+from pcbtl.inference import idata_group, idata_groups
 from pcbtl.networks import transfer_parametrization
 
 BASE = dict(num_warmup=250, num_samples=250, progress_bar=False)  # the default 4 chains
@@ -135,7 +136,9 @@ def fitted(task, source):
 
 
 def test_inference_data_groups_and_shapes(task, fitted):
+    # InferenceData under ArviZ 0.x, DataTree under 1.x: read through pcbtl.inference
     idata = fitted.idata_
+    groups = {name: idata_group(idata, name) for name in idata_groups(idata)}
     for group in (
         "posterior",
         "posterior_predictive",
@@ -143,24 +146,26 @@ def test_inference_data_groups_and_shapes(task, fitted):
         "sample_stats",
         "observed_data",
     ):
-        assert hasattr(idata, group), group
+        assert group in groups, group
     n = len(task.y_target)
-    assert idata.log_likelihood["y"].shape == (4, 250, n)  # 4 chains by default
-    assert idata.posterior_predictive["y"].shape == (4, 250, n)
+    assert groups["log_likelihood"]["y"].shape == (4, 250, n)  # 4 chains by default
+    assert groups["posterior_predictive"]["y"].shape == (4, 250, n)
     # the labels as given (the fit's standardisation undone, to the last bit or so)
-    np.testing.assert_allclose(idata.observed_data["y"].values, task.y_target, rtol=1e-12)
-    assert {"sigma", "distance", "beta"} <= set(idata.posterior.data_vars)
-    assert {"diverging", "tree_depth", "lp", "step_size"} <= set(idata.sample_stats.data_vars)
+    np.testing.assert_allclose(groups["observed_data"]["y"].values, task.y_target, rtol=1e-12)
+    assert {"sigma", "distance", "beta"} <= set(groups["posterior"].data_vars)
+    assert {"diverging", "tree_depth", "lp", "step_size"} <= set(groups["sample_stats"].data_vars)
     # the per-row log likelihood sums to the model's sufficient-statistic likelihood
     # (in the units of the labels: idata_ holds the draws mapped back from the fit's standardised
     # labels, and so does the log likelihood)
-    beta = idata.posterior["beta"].values[0, 0]
-    sigma = idata.posterior["sigma"].values[0, 0]
+    beta = groups["posterior"]["beta"].values[0, 0]
+    sigma = groups["posterior"]["sigma"].values[0, 0]
     Phi = np.c_[fitted.source.features(task.X_target), np.ones(n)]
     expected = np.sum(
         -np.log(sigma) - 0.5 * np.log(2 * np.pi) - 0.5 * ((task.y_target - Phi @ beta) / sigma) ** 2
     )
-    assert float(idata.log_likelihood["y"].values[0, 0].sum()) == pytest.approx(expected, rel=1e-4)
+    assert float(groups["log_likelihood"]["y"].values[0, 0].sum()) == pytest.approx(
+        expected, rel=1e-4
+    )
 
 
 def test_prediction_api(task, fitted):
@@ -233,8 +238,9 @@ def test_the_three_samplers_of_the_scale_model_agree(task, source):
     for p in ("centred", "interweaved"):
         assert np.sqrt(np.mean((means[p] - means["noncentred"]) ** 2)) < 0.05
     for est in fits.values():
-        assert "theta" not in est.idata_.posterior and "eps" not in est.idata_.posterior
-        tau = est.idata_.posterior["tau"].values
+        posterior = idata_group(est.idata_, "posterior")
+        assert "theta" not in posterior and "eps" not in posterior
+        tau = posterior["tau"].values
         assert tau.shape == (2, 250)
         assert not np.allclose(tau[0], tau[1])  # the two chains are different chains
 

@@ -5,16 +5,25 @@ fits of a model with several chains each in one compiled program (what every NUT
 pcbtl uses); :func:`run_nuts` wraps NumPyro's ``MCMC``; :func:`run_mclmc` runs microcanonical Langevin
 chains from separate optima (the scale prior's default); :func:`run_svi` fits an autoguide;
 :func:`sampler_diagnostics` and :func:`check_sampler` judge NUTS draws across chains, over every
-site and over predictions; :func:`to_inference_data` writes ArviZ ``InferenceData``.
+site and over predictions; :func:`to_inference_data` writes ArviZ data (``InferenceData`` under
+ArviZ 0.x, ``xarray.DataTree`` under 1.x: :func:`idata_from_groups`), which
+:func:`idata_groups` and :func:`idata_group` read on either.
 """
 
-from pcbtl.inference.convert import make_log_density, to_inference_data
+from pcbtl.inference.convert import (
+    idata_from_groups,
+    idata_group,
+    idata_groups,
+    make_log_density,
+    to_inference_data,
+)
 from pcbtl.inference.diagnostics import (
     MCMC_METHODS,
     SamplerWarning,
     check_sampler,
     rhat_ess,
     sampler_diagnostics,
+    stuck_chains,
 )
 from pcbtl.inference.mclmc import run_mclmc
 from pcbtl.inference.nuts import (
@@ -41,6 +50,9 @@ __all__ = [
     "check_sampler",
     "clear_caches",
     "concatenate_chains",
+    "idata_from_groups",
+    "idata_group",
+    "idata_groups",
     "make_log_density",
     "plan_key",
     "resolve_chain_method",
@@ -51,5 +63,6 @@ __all__ = [
     "run_plans",
     "run_svi",
     "sampler_diagnostics",
+    "stuck_chains",
     "to_inference_data",
 ]

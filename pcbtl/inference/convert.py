@@ -1,4 +1,12 @@
-"""From a NumPyro model to a flat log density, and from draws to ArviZ."""
+"""From a NumPyro model to a flat log density, and from draws to ArviZ.
+
+ArviZ changed its data object at 1.0: 0.2x builds an ``arviz.InferenceData`` from
+``az.from_dict(posterior=..., sample_stats=..., attrs=...)``; 1.x (Python >= 3.12) builds an
+``xarray.DataTree`` from ``az.from_dict({"posterior": ..., ...}, attrs={"/": ...})``, and its
+``groups`` is a property of paths (``"/posterior"``), not a method. :func:`idata_from_groups` builds
+either from the same dict of groups and :func:`idata_groups` / :func:`idata_group` read either
+back; nothing else in pcbtl calls ``az.from_dict``.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import xarray as xr
 from jax.flatten_util import ravel_pytree
 from numpyro.infer.util import initialize_model
 
@@ -18,7 +27,18 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"\sArviZ is undergoing", category=FutureWarning)
     import arviz as az
 
-__all__ = ["make_log_density", "to_inference_data"]
+__all__ = [
+    "ARVIZ_MAJOR",
+    "idata_from_groups",
+    "idata_group",
+    "idata_groups",
+    "make_log_density",
+    "to_inference_data",
+]
+
+#: major version of the ArviZ in use: 0 builds ``arviz.InferenceData``, 1 and later
+#: ``xarray.DataTree``
+ARVIZ_MAJOR = int(az.__version__.split(".", 1)[0])
 
 
 def make_log_density(
@@ -42,6 +62,71 @@ def make_log_density(
     return log_density, jnp.asarray(x0, jnp.float32)
 
 
+def idata_from_groups(
+    groups: dict[str, dict[str, Any] | None],
+    *,
+    dims: dict[str, list[str]] | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> Any:
+    """The ArviZ object of the installed ArviZ holding ``groups``.
+
+    Parameters
+    ----------
+    groups
+        Group name (``posterior``, ``sample_stats``, ``log_likelihood``,
+        ``posterior_predictive``, ``predictions``, ``observed_data``, ...) → variable name →
+        array. Arrays lead with ``(chain, draw)`` except in ``*_data`` groups; a group that is
+        ``None`` or empty is left out.
+    dims
+        Variable name → names of its dimensions after ``(chain, draw)`` (after none in ``*_data``
+        groups; ``predictions`` groups ignore them, as both ArviZ versions do). Others get
+        ``<var>_dim_<i>``.
+    attrs
+        Attributes of the whole object (the root node's under ArviZ >= 1).
+
+    Returns
+    -------
+    ``arviz.InferenceData`` under ArviZ 0.x, ``xarray.DataTree`` with one child per group under
+    ArviZ >= 1 (:data:`ARVIZ_MAJOR`). Both have the groups as attributes (``obj.posterior``), a
+    ``to_netcdf`` and ``attrs``; read them on either with :func:`idata_groups` and
+    :func:`idata_group`.
+
+    Example
+    -------
+    >>> obj = idata_from_groups({"posterior": {"mu": np.zeros((2, 5))}}, attrs={"run": "a"})
+    >>> idata_groups(obj), idata_group(obj, "posterior")["mu"].shape
+    (['posterior'], (2, 5))
+    """
+    kept = {name: dict(data) for name, data in groups.items() if data}
+    if ARVIZ_MAJOR >= 1:
+        return az.from_dict(kept, dims=dims, attrs={"/": dict(attrs or {})})
+    return az.from_dict(**kept, dims=dims, attrs=dict(attrs or {}))
+
+
+def _is_datatree(obj: Any) -> bool:
+    return isinstance(obj, getattr(xr, "DataTree", ()))
+
+
+def idata_groups(obj: Any) -> list[str]:
+    """Names of the groups of an ArviZ object, ``InferenceData`` (ArviZ 0.x) or ``DataTree``
+    (ArviZ >= 1, also what ``az.from_netcdf`` reads there): e.g. ``["posterior",
+    "sample_stats", "observed_data"]``."""
+    if _is_datatree(obj):
+        return list(obj.children)
+    return list(obj.groups())
+
+
+def idata_group(obj: Any, name: str) -> xr.Dataset:
+    """Group ``name`` of an ArviZ object of either version as an ``xarray.Dataset`` (a
+    ``DataTree`` node's coordinates inherited from its parents included); ``KeyError`` if it
+    has no such group."""
+    if name not in idata_groups(obj):
+        raise KeyError(f"no group {name!r} in {idata_groups(obj)}")
+    if _is_datatree(obj):
+        return obj[name].to_dataset()
+    return obj[name]
+
+
 def to_inference_data(
     posterior: Posterior,
     *,
@@ -50,23 +135,24 @@ def to_inference_data(
     observed: np.ndarray | None = None,
     drop: tuple[str, ...] = (),
     attrs: dict[str, Any] | None = None,
-) -> az.InferenceData:
-    """ArviZ ``InferenceData`` with posterior, sample_stats and, when given, the per-row
-    ``log_likelihood``, ``posterior_predictive`` (both ``(chain, draw, n)``) and ``observed_data``
-    (variable ``y``, dimension ``obs``)."""
+) -> Any:
+    """ArviZ data (``InferenceData``, or ``DataTree`` under ArviZ >= 1: :func:`idata_from_groups`)
+    with posterior, sample_stats and, when given, the per-row ``log_likelihood``,
+    ``posterior_predictive`` (both ``(chain, draw, n)``) and ``observed_data`` (variable ``y``,
+    dimension ``obs``). Attributes: ``inference_library``, ``inference_method`` and ``attrs``."""
     post = {k: v for k, v in posterior.samples.items() if k not in drop}
     dims: dict[str, list[str]] = {"y": ["obs"]}
     for k, v in post.items():
         if v.ndim > 2:
             dims[k] = [f"{k}_dim_{i}" for i in range(v.ndim - 2)]
     stats = {k: v for k, v in posterior.sample_stats.items() if np.ndim(v) >= 2}
-    kwargs: dict[str, Any] = {"posterior": post, "sample_stats": stats or None}
+    groups: dict[str, dict[str, Any] | None] = {"posterior": post, "sample_stats": stats}
     if log_likelihood is not None:
-        kwargs["log_likelihood"] = {"y": log_likelihood}
+        groups["log_likelihood"] = {"y": log_likelihood}
     if posterior_predictive is not None:
-        kwargs["posterior_predictive"] = {"y": posterior_predictive}
+        groups["posterior_predictive"] = {"y": posterior_predictive}
     if observed is not None:
-        kwargs["observed_data"] = {"y": observed}
+        groups["observed_data"] = {"y": observed}
     all_attrs = {"inference_library": "numpyro", "inference_method": posterior.method}
     all_attrs.update(attrs or {})
-    return az.from_dict(**kwargs, dims=dims, attrs=all_attrs)
+    return idata_from_groups(groups, dims=dims, attrs=all_attrs)

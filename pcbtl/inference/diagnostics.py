@@ -79,7 +79,9 @@ def rhat_ess(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         warnings.simplefilter("ignore", RuntimeWarning)  # constant columns: NaN, flagged apart
         rhat = np.asarray(az.rhat(data)["x"], np.float64).reshape(-1)
         bulk = np.asarray(az.ess(data, method="bulk")["x"], np.float64).reshape(-1)
-        tail = np.asarray(az.ess(data, method="tail")["x"], np.float64).reshape(-1)
+        # tails explicit: ArviZ 1.x takes them from rcParams["stats.ci_prob"] (11 % and 89 %)
+        tail = np.asarray(az.ess(data, method="tail", prob=(0.05, 0.95))["x"], np.float64)
+        tail = tail.reshape(-1)
     return rhat, bulk, tail
 
 
@@ -89,7 +91,7 @@ def _element_names(name: str, shape: tuple[int, ...]) -> list[str]:
     return [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
 
 
-def _stuck_chains(posterior: Posterior) -> list[int]:
+def stuck_chains(posterior: Posterior) -> list[int]:
     """Chains whose whole state is unchanged from one draw to the next on more than half of
     their draws."""
     chains, draws = next(iter(posterior.samples.values())).shape[:2]
@@ -128,7 +130,7 @@ def sampler_diagnostics(
     dict
         ``chains``, ``draws`` (all chains), ``divergences``, ``divergence_share``,
         ``depth_limit_share`` (trees with ``2^max_tree_depth − 1`` leapfrog steps),
-        ``stuck_chains`` (indices, see :func:`_stuck_chains`);
+        ``stuck_chains`` (indices, see :func:`stuck_chains`);
         over the scalar sites: ``min_bulk_ess``, ``min_tail_ess``, ``max_rhat`` and ``worst``
         (the site of the smallest bulk ESS); over every element of every site:
         ``all_max_rhat``, ``all_min_bulk_ess``, ``all_worst`` (the element of the largest
@@ -149,7 +151,7 @@ def sampler_diagnostics(
         "draws": int(chains * draws),
         "divergences": posterior.num_divergences,
         "divergence_share": posterior.num_divergences / max(chains * draws, 1),
-        "stuck_chains": _stuck_chains(posterior),
+        "stuck_chains": stuck_chains(posterior),
     }
     steps = posterior.sample_stats.get("n_steps")
     out["depth_limit_share"] = (

@@ -161,9 +161,9 @@ def run_mclmc(
     opt = optax.adam(float(init_learning_rate))
     kernel = blackjax.mcmc.mclmc.build_kernel(desired_energy_var=float(desired_energy_var))
     n_steps = num_samples * thin
-    # the three tuning phases of BlackJAX take fractions of the run's length: 40 % + 40 % of
-    # ``num_warmup`` for ε and the preconditioner, 20 % for L
-    frac = num_warmup / n_steps
+    # BlackJAX's three tuning phases (ε; ε and the preconditioner; L) take fractions of the
+    # run's length: a third of ``num_warmup`` each
+    frac = num_warmup / (3 * n_steps)
 
     def chain(z_chain, k_start, k_tune_c, k_run_c):
         z = start(z_chain, k_start)
@@ -184,9 +184,9 @@ def run_mclmc(
             num_steps=n_steps,
             state=state,
             rng_key=k2,
-            frac_tune1=0.4 * frac,
-            frac_tune2=0.4 * frac,
-            frac_tune3=0.2 * frac,
+            frac_tune1=frac,
+            frac_tune2=frac,
+            frac_tune3=frac,
             desired_energy_var=float(desired_energy_var),
             diagonal_preconditioning=True,
         )
