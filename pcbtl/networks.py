@@ -624,7 +624,10 @@ def train_source(
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     x_mean = X[tr_idx].mean(0)
     x_scale = X[tr_idx].std(0)
-    x_scale = np.where(x_scale > 0, x_scale, 1.0)
+    # a spread that float32 cannot hold (or that is rounding noise on the feature's magnitude)
+    # marks a constant feature: scaled by 1, so the saved model's x_scale stays positive
+    tiny = np.maximum(np.abs(x_mean), 1.0) * 1e-12
+    x_scale = np.where((x_scale > tiny) & (x_scale > np.finfo(np.float32).tiny), x_scale, 1.0)
     y_mean = float(y[tr_idx].mean())
     y_scale = float(y[tr_idx].std()) or 1.0
     Xs = jnp.asarray((X - x_mean) / x_scale, dtype=jnp.float32)
@@ -694,7 +697,9 @@ def train_source(
         x_scale=x_scale.astype(np.float32),
         y_mean=y_mean,
         y_scale=y_scale,
-        noise_sd=float(math.sqrt(val_mse) * y_scale),
+        # floored: a network that reproduces its validation rows exactly would otherwise save
+        # a noise sd of 0, a degenerate predictive that SourceModel.load refuses
+        noise_sd=float(max(math.sqrt(val_mse), 1e-6) * y_scale),
         reference_X=X[np.sort(ref_idx)].astype(np.float32),
         info=info,
     )

@@ -358,3 +358,16 @@ def test_train_source_reports_every_bad_argument_at_once(task, monkeypatch):
             n_reference=0,
             progress_bar=False,
         )
+
+
+def test_a_feature_with_a_vanishing_spread_still_saves_a_loadable_model(tmp_path):
+    # spread 1e-46: positive in float64, zero in float32; the model must save and load
+    rng = np.random.default_rng(0)
+    X = np.c_[rng.standard_normal((120, 2)), 1e-46 * rng.standard_normal(120)]
+    y = X[:, 0] - X[:, 1]
+    src = pcbtl.train_source(X, y, hidden=(4,), max_epochs=3, progress_bar=False)
+    assert np.all(src.x_scale > 0) and src.noise_sd > 0
+    path = tmp_path / "m.npz"
+    src.save(path)
+    again = pcbtl.SourceModel.load(path)
+    np.testing.assert_allclose(again.predict(X[:5]), src.predict(X[:5]), rtol=1e-6)
