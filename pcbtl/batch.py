@@ -13,16 +13,28 @@ r"""Many posterior fits at once: a vmapped multi-fit engine and a resumable batc
   runs on every device at once.
 * **Writing.** Every finished fit is written at once and atomically (temporary file in the same
   folder, then ``os.replace``): ``fits/<fit_id>.nc`` (ArviZ netCDF) and ``fits/<fit_id>.json``
-  (its row), the JSON last, so a row on disk always means a complete fit. ``results.csv`` (all
-  rows) is rewritten atomically after every group.
-* **Resuming.** A job that is killed and started again reads ``fits/*.json`` and skips every fit
-  already recorded (``ok``, or ``failed`` unless ``retry_failed``), so nothing finished is redone
-  or lost; an interrupted vmapped group is rerun whole.
+  (its row), the JSON last, so a row on disk always means a complete fit. ``results.csv`` (one
+  row per fit of the config; one ``data.KEY`` column per data setting, one ``option.KEY`` per
+  method option) is rebuilt from those files at the start and after every group. Fit ids are
+  safe file names and no file is written outside ``out``. Files get the user's umask. A
+  write error (disk full, permissions) records the fit as failed and stops the job
+  (:class:`JobError`; the next run redoes that fit).
+* **One job per folder.** ``out/.lock`` (pid, host) is held while a job runs: a second run there
+  stops; the lock of a dead process on the same host is taken over. A different config in an
+  existing ``out`` is refused unless ``force`` (``--force``).
+* **Resuming.** A job that is killed and started again removes orphan temporary files, reads
+  ``fits/*.json`` and skips every fit already recorded (``ok``, or ``failed`` unless
+  ``retry_failed``) whose files read back (the JSON a row, the netCDF in full); unreadable
+  ones are rerun, so nothing finished is redone or lost. A cached source
+  (``sources/<key>.npz``) that does not load is retrained and replaced.
 * **Failures.** A fit that raises (e.g. non-finite draws), has more than
   ``max_divergence_fraction`` divergent draws, or non-finite draws is recorded with
   ``status = "failed"`` and its ``reason``; the job goes on. If a vmapped group raises, its fits
   are retried one by one so that one bad replicate fails alone.
-* **Progress.** One ``tqdm`` bar over fits, with the estimated time left.
+* **Progress.** One ``tqdm`` bar over groups (its time estimate from finished groups), with the
+  fits done as a postfix.
+* **Config errors.** Every table and key is checked before any work (:class:`ConfigError`,
+  naming the closest valid name); the command line prints one line and exits with 2.
 * **Beyond one machine.** ``engine = "dask"`` submits each group as a task to a Dask distributed
   cluster (``scheduler`` address, or a ``LocalCluster`` of ``workers`` processes); workers write
   the fit files themselves (the output folder must be on a shared file system).
@@ -37,11 +49,17 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
+import errno
 import hashlib
+import inspect
 import io
 import itertools
 import json
 import os
+import re
+import socket
+import sys
 import tempfile
 import time
 import tomllib
@@ -69,6 +87,9 @@ __all__ = [
     "run_group",
     "run_job",
     "read_results",
+    "read_results_frame",
+    "ConfigError",
+    "JobError",
     "make_batched_log_density",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -93,6 +114,7 @@ RESULT_COLUMNS = (
     "num_draws",
     *HEALTH_COLUMNS,
     "fit_seconds",
+    "group_seconds",
     "batched",
     "device",
     "netcdf",
@@ -108,9 +130,19 @@ _NO_NUTS = ("source-only", "fine-tuning")
 # --------------------------------------------------------------------------------------------
 
 
+def _file_mode() -> int:
+    """``0o666`` less the process umask: the mode ``open()`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync'ed,
-    then ``os.replace`` (readers see the old file or the new one, never a partial one)."""
+    then ``os.replace`` (readers see the old file or the new one, never a partial one).
+
+    The file gets the mode a plain ``open()`` would give it (``0o666`` less the umask), not the
+    ``0o600`` of :func:`tempfile.mkstemp`. On any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -119,6 +151,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -131,15 +164,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _to_netcdf(idata: Any, path: str) -> None:
+    idata.to_netcdf(path)
+
+
 def _atomic_netcdf(idata: Any, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        idata.to_netcdf(tmp)
+        _to_netcdf(idata, tmp)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def _inside(out: Path, path: Path) -> Path:
+    """``path``, after checking that it lies inside ``out`` (no file is written elsewhere)."""
+    if not Path(os.path.abspath(path)).is_relative_to(os.path.abspath(out)):
+        raise ValueError(f"refusing to write {path}: it lies outside the output folder {out}")
     return path
 
 
@@ -198,6 +243,146 @@ def stack_kwargs(kwargs_list: Sequence[dict[str, Any]], dtype: Any = jnp.float32
 # --------------------------------------------------------------------------------------------
 
 
+class ConfigError(ValueError):
+    """A job config that cannot run: unknown table, key or method, duplicate seeds, ...
+
+    Raised by :func:`load_config` and :class:`JobConfig` before any work is done; the command
+    line prints it as one line and exits with status 2."""
+
+
+class JobError(RuntimeError):
+    """A job that must stop: its output folder is held by another run, belongs to another
+    config, or cannot be written (disk full, permissions). The command line prints it as one
+    line and exits with status 1; every fit finished before it is on disk."""
+
+    def __init__(self, message: str, row: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.row = row
+
+
+#: Top-level tables of a job config.
+_TABLES = ("job", "data", "source", "sampler", "methods")
+#: Data keys of ``kind = "csv"``.
+_CSV_KEYS = ("kind", "path", "target", "features", "test_fraction")
+
+
+def _unknown(what: str, key: str, valid: Iterable[str]) -> ConfigError:
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown {what} {key!r}{hint} (valid: {', '.join(valid)})")
+
+
+def _params(fn: Callable) -> set[str] | None:
+    """Keyword arguments ``fn`` accepts (``None``: any, it takes ``**kwargs``)."""
+    sig = inspect.signature(fn)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return {n for n, p in sig.parameters.items() if p.kind is not p.VAR_POSITIONAL} - {"self"}
+
+
+def _method_module():
+    import importlib
+
+    return importlib.import_module("pcbtl.methods")
+
+
+def _estimator_class(name: str) -> type | None:
+    """The estimator class the registered builder of method ``name`` constructs."""
+    build = _method_module().METHODS[name].build
+    if isinstance(build, type):
+        return build
+    for cell in getattr(build, "__closure__", None) or ():
+        if isinstance(cell.cell_contents, type):
+            return cell.cell_contents
+    for n in getattr(getattr(build, "__code__", None), "co_names", ()):
+        obj = getattr(build, "__globals__", {}).get(n)
+        if isinstance(obj, type):
+            return obj
+    return None
+
+
+def _takes_sampler(method: str) -> bool:
+    return method not in _NO_NUTS and not method.endswith("-rf")
+
+
+def _method_params(name: str) -> set[str] | None:
+    """Options a ``[methods.NAME]`` table (and ``[sampler]``) may set for ``name``: the
+    estimator's ``__init__`` keywords less those the runner sets itself."""
+    cls = _estimator_class(name)
+    if cls is None:
+        return None
+    params = _params(cls.__init__)
+    if params is None:
+        return None
+    # source: the trained source; seed: from [job] seeds; prior/base: fixed by the method name
+    return params - {"source", "seed", "prior", "base"}
+
+
+def _check_options(methods: dict[str, dict[str, Any]], sampler: dict[str, Any]) -> None:
+    from pcbtl.methods import methods as registered
+
+    valid = registered()
+    for name, opts in methods.items():
+        if name not in valid:
+            raise _unknown("method", name, valid)
+        if not isinstance(opts, dict):
+            raise ConfigError(f"[methods.{name}] must be a table of options, got {opts!r}")
+        params = _method_params(name)
+        for key in opts:
+            if key == "seed":
+                raise ConfigError(
+                    f"[methods.{name}] sets 'seed': seeds come from [job] seeds, one fit each"
+                )
+            if params is not None and key not in params:
+                raise _unknown(f"option of method {name!r} in [methods.{name}]", key, params)
+    takers = [m for m in methods if _takes_sampler(m)]
+    pools = {m: _method_params(m) for m in (takers or [m for m in valid if _takes_sampler(m)])}
+    union = set().union(*(p for p in pools.values() if p is not None))
+    for key in sampler:
+        if key in ("source", "seed", "prior", "base"):
+            raise ConfigError(f"[sampler] may not set {key!r}")
+        if all(p is not None and key not in p for p in pools.values()):
+            raise _unknown("key in [sampler]", key, union)
+        if takers:
+            refuse = [m for m in takers if pools[m] is not None and key not in pools[m]]
+            if refuse:
+                raise ConfigError(f"[sampler] key {key!r} is not an option of method(s) {refuse}")
+
+
+def _check_tables(raw: dict[str, Any], job_overrides: Iterable[str] = ()) -> None:
+    """Every table and key of a raw TOML config against what the runner accepts."""
+    from pcbtl.networks import train_source
+    from pcbtl.simulation import make_synthetic_task
+
+    for table in raw:
+        if table not in _TABLES:
+            raise _unknown("table", table, _TABLES)
+        if not isinstance(raw[table], dict):
+            raise ConfigError(f"[{table}] must be a table, got {raw[table]!r}")
+    job_keys = {f for f in JobConfig.__dataclass_fields__ if f not in _TABLES} | {"out", "seeds"}
+    for key in [*raw.get("job", {}), *job_overrides]:
+        if key not in job_keys:
+            raise _unknown("key in [job]", key, job_keys)
+    data = raw.get("data", {})
+    kind = data.get("kind")
+    if kind == "synthetic":
+        data_keys = (_params(make_synthetic_task) or set()) - {"seed"} | {"kind"}
+    elif kind == "csv":
+        data_keys = set(_CSV_KEYS)
+        if "path" not in data or "target" not in data:
+            raise ConfigError("[data] kind = 'csv' needs 'path' and 'target'")
+    else:
+        raise ConfigError(f"data.kind must be 'synthetic' or 'csv', got {kind!r}")
+    for key in data:
+        if key not in data_keys:
+            raise _unknown(f"key in [data] (kind = {kind!r})", key, data_keys)
+    source_keys = (_params(train_source) or set()) - {"X", "y", "seed", "progress_bar"} | {"path"}
+    for key in raw.get("source", {}):
+        if key not in source_keys:
+            raise _unknown("key in [source]", key, source_keys)
+
+
 @dataclass(frozen=True)
 class FitSpec:
     """One fit: ``method`` with ``options`` on data setting ``data`` with seed ``seed``."""
@@ -235,25 +420,24 @@ class JobConfig:
     x64: bool = False
 
     def __post_init__(self) -> None:
-        from pcbtl.methods import methods
-
-        unknown = [m for m in self.methods if m not in methods()]
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; valid: {methods()}")
         if not self.methods:
-            raise ValueError("the config names no methods ([methods.NAME] tables)")
+            raise ConfigError("the config names no methods ([methods.NAME] tables)")
+        _check_options(self.methods, self.sampler)
         if not self.seeds:
-            raise ValueError("the config names no seeds")
+            raise ConfigError("the config names no seeds")
+        dup = sorted({s for s in self.seeds if list(self.seeds).count(s) > 1})
+        if dup:
+            raise ConfigError(f"[job] seeds repeats {dup}: each seed must appear once")
         if self.data.get("kind") not in ("synthetic", "csv"):
-            raise ValueError(
+            raise ConfigError(
                 f"data.kind must be 'synthetic' or 'csv', got {self.data.get('kind')!r}"
             )
         if self.engine not in ("local", "dask"):
-            raise ValueError(f"engine must be 'local' or 'dask', got {self.engine!r}")
+            raise ConfigError(f"engine must be 'local' or 'dask', got {self.engine!r}")
         if not 0.0 <= float(self.max_divergence_fraction) <= 1.0:
-            raise ValueError("max_divergence_fraction must lie in [0, 1]")
+            raise ConfigError("max_divergence_fraction must lie in [0, 1]")
         if int(self.batch_size) < 1:
-            raise ValueError("batch_size must be positive")
+            raise ConfigError("batch_size must be positive")
 
 
 def load_config(path: str | Path, **overrides: Any) -> JobConfig:
@@ -266,9 +450,17 @@ def load_config(path: str | Path, **overrides: Any) -> JobConfig:
     ``[source]`` (``train_source`` settings, or ``path`` to a saved source), ``[sampler]``
     (``num_warmup``, ``num_samples``) and one ``[methods.NAME]`` table of options per method.
     ``overrides`` replace ``[job]`` entries (e.g. from the command line).
+
+    Every table and key is checked before anything runs (the keys of ``[sampler]`` and
+    ``[methods.NAME]`` against the estimators' ``__init__`` signatures); a wrong one raises
+    :class:`ConfigError` naming it and the closest valid name.
     """
     path = Path(path)
-    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    _check_tables(raw, [k for k, v in overrides.items() if v is not None])
     base = path.resolve().parent
     job = dict(raw.get("job", {}))
     job.update({k: v for k, v in overrides.items() if v is not None})
@@ -281,6 +473,8 @@ def load_config(path: str | Path, **overrides: Any) -> JobConfig:
     out = out if out.is_absolute() else base / out
     seeds = job.pop("seeds", [0])
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ConfigError(f"[job] seeds must be an integer or a list of integers, got {seeds!r}")
     return JobConfig(
         out=out,
         methods={k: dict(v) for k, v in raw.get("methods", {}).items()},
@@ -307,6 +501,14 @@ def _json_default(o: Any) -> Any:
 def _slug(value: Any) -> str:
     text = f"{value:g}" if isinstance(value, float) else str(value)
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
+
+
+def _safe_name(text: str) -> str:
+    """``text`` as one safe file name: letters, digits, ``.``, ``_`` and ``-`` only, no ``..``
+    and no leading dot (so never a path separator, a parent folder or a hidden file)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", text)
+    name = re.sub(r"\.{2,}", "-", name)
+    return name.lstrip(".") or "-"
 
 
 def _grid(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -339,10 +541,11 @@ def expand_fits(config: JobConfig) -> list[FitSpec]:
                     if k not in ("kind", "path", "features", "target")
                 )
                 fit_id = f"{method}__{label + '__' if label else ''}seed{seed}__{digest}"
-                fits.append(FitSpec(fit_id=fit_id, **spec))
+                fits.append(FitSpec(fit_id=_safe_name(fit_id), **spec))
     ids = [f.fit_id for f in fits]
-    if len(set(ids)) != len(ids):  # pragma: no cover - sha1 collision on 8 hex digits
-        raise RuntimeError("duplicate fit ids")
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ConfigError(f"duplicate fit ids {dup[:3]}: repeated seeds or settings?")
     return fits
 
 
@@ -392,12 +595,16 @@ def _load_task(spec: FitSpec, out: Path) -> _Task:
         return _Task(_SOURCE_CACHE[key], X, y, Xt, yt)
     if spec.data["kind"] != "synthetic":
         raise ValueError("data.kind = 'csv' needs [source] path = a saved SourceModel")
-    key = hashlib.sha1(_canon([spec.data, spec.seed, spec.source]).encode()).hexdigest()[:16]
+    key = _source_key(spec)
     if key not in _SOURCE_CACHE:
-        path = out / "sources" / f"{key}.npz"
+        path = _inside(out, out / "sources" / f"{key}.npz")
+        src = None
         if path.is_file():
-            _SOURCE_CACHE[key] = SourceModel.load(path)
-        else:
+            try:
+                src = SourceModel.load(path)
+            except (ValueError, OSError) as exc:  # corrupt or truncated: retrain and replace
+                _say(f"cached source {path.name} does not load ({exc}); retraining it")
+        if src is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             opts = {"hidden": (32, 32), "max_epochs": 200, **spec.source}
             opts["hidden"] = tuple(opts["hidden"])
@@ -405,8 +612,18 @@ def _load_task(spec: FitSpec, out: Path) -> _Task:
                 task.X_source, task.y_source, seed=spec.seed, progress_bar=False, **opts
             )
             src.save(path)  # atomic (temporary file + replace)
-            _SOURCE_CACHE[key] = src
+        _SOURCE_CACHE[key] = src
     return _Task(_SOURCE_CACHE[key], X, y, Xt, yt)
+
+
+def _source_key(spec: FitSpec) -> str:
+    """File stem of the cached source of ``spec`` (``out/sources/<key>.npz``)."""
+    return hashlib.sha1(_canon([spec.data, spec.seed, spec.source]).encode()).hexdigest()[:16]
+
+
+def _say(message: str) -> None:
+    """A one-line notice to the user (stderr)."""
+    print(f"pcbtl batch: {message}", file=sys.stderr)
 
 
 def _csv_split(spec: FitSpec):
@@ -455,6 +672,8 @@ def _fit_chunk(ests, datasets, devices=None):
     else one by one on the first device.
 
     Returns ``(errors, seconds, batched)`` per estimator (``errors[i]`` is ``""`` on success).
+    ``seconds[i]`` is the fit's own time: for a vmapped job, the job's wall time divided evenly
+    over its fits (the replicates run together, so no fit has a time of its own).
     """
     from pcbtl.methods import fit_replicates, supports_batching
 
@@ -533,8 +752,13 @@ def _finish(
     device: str,
     out: Path,
     threshold: float,
+    group_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Decide ok/failed, score, write ``fits/<id>.nc`` then ``fits/<id>.json``; return the row."""
+    """Decide ok/failed, score, write ``fits/<id>.nc`` then ``fits/<id>.json``; return the row.
+
+    A write that fails with ``OSError`` (disk full, permissions) records the fit as failed with
+    ``reason = "write error: ..."`` (on disk if the row can still be written; such a fit is rerun
+    by the next run) and raises :class:`JobError`: the job stops, nothing half-written stays."""
     from pcbtl.study import METRICS, score
 
     metrics = dict.fromkeys(METRICS, float("nan"))
@@ -558,14 +782,19 @@ def _finish(
     fits_dir = out / "fits"
     fits_dir.mkdir(parents=True, exist_ok=True)
     nc = ""
+    write_error = None
     if not error:
         try:
             idata = _idata_for(est, task)
             if idata is not None:
-                _atomic_netcdf(idata, fits_dir / f"{spec.fit_id}.nc")
+                _atomic_netcdf(idata, _inside(out, fits_dir / f"{spec.fit_id}.nc"))
                 nc = f"fits/{spec.fit_id}.nc"
+        except OSError as exc:
+            write_error = f"{_WRITE_ERROR}{_os_error(exc)}"
         except Exception as exc:  # noqa: BLE001
             reason = reason or f"writing netCDF failed: {type(exc).__name__}: {exc}"
+    if write_error:
+        reason = write_error
     row = {
         "fit_id": spec.fit_id,
         "status": "failed" if reason else "ok",
@@ -579,13 +808,33 @@ def _finish(
         "num_draws": draws,
         **sampler_health(None if error else est),
         "fit_seconds": float(seconds),
+        "group_seconds": float(seconds if group_seconds is None else group_seconds),
         "batched": bool(batched),
         "device": device,
         "netcdf": nc,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    atomic_write_text(fits_dir / f"{spec.fit_id}.json", json.dumps(row, default=_json_default))
+    try:
+        _write_row(out, row)
+    except OSError as exc:
+        row["status"], row["reason"] = "failed", f"{_WRITE_ERROR}{_os_error(exc)}"
+        write_error = row["reason"]
+    if write_error:
+        raise JobError(f"fit {spec.fit_id}: {write_error}", row=row)
     return row
+
+
+_WRITE_ERROR = "write error: "
+
+
+def _os_error(exc: OSError) -> str:
+    name = errno.errorcode.get(exc.errno or 0, "OSError")
+    return f"{name} {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else "")
+
+
+def _write_row(out: Path, row: dict[str, Any]) -> None:
+    path = _inside(out, out / "fits" / f"{row['fit_id']}.json")
+    atomic_write_text(path, json.dumps(row, default=_json_default))
 
 
 def run_group(
@@ -618,10 +867,24 @@ def run_group(
         tasks.append(task)
         ests.append(est)
 
-    def emit(i, error, sec, batched, device):
-        row = _finish(
-            specs[i], ests[i], tasks[i], error, sec, batched, device, out, max_divergence_fraction
-        )
+    def emit(i, error, sec, batched, device, group_sec=None):
+        try:
+            row = _finish(
+                specs[i],
+                ests[i],
+                tasks[i],
+                error,
+                sec,
+                batched,
+                device,
+                out,
+                max_divergence_fraction,
+                group_sec,
+            )
+        except JobError as exc:
+            if exc.row is not None and on_fit is not None:
+                on_fit(exc.row)
+            raise
         rows.append(row)
         if on_fit is not None:
             on_fit(row)
@@ -637,7 +900,10 @@ def run_group(
             "options": _canon(specs[i].options),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        atomic_write_text(out / "fits" / f"{specs[i].fit_id}.json", json.dumps(row))
+        try:
+            _write_row(out, row)
+        except OSError as exc:
+            raise JobError(f"fit {specs[i].fit_id}: {_WRITE_ERROR}{_os_error(exc)}") from None
         rows.append(row)
         if on_fit is not None:
             on_fit(row)
@@ -656,8 +922,10 @@ def run_group(
         [ests[i] for i in todo], [(tasks[i].X, tasks[i].y) for i in todo], devices
     )
     where = str(devices[0]) if len(devices) == 1 else f"sharded over {len(devices)} devices"
+    group_sec = float(sum(seconds))
     for j, i in enumerate(todo):
-        emit(i, errors[j], seconds[j], batched[j], where if batched[j] else str(devices[0]))
+        dev = where if batched[j] else str(devices[0])
+        emit(i, errors[j], seconds[j], batched[j], dev, group_sec if batched[j] else None)
     return rows
 
 
@@ -671,33 +939,213 @@ def _run_group_remote(specs, out, threshold):
 # --------------------------------------------------------------------------------------------
 
 
-def read_results(out: str | Path) -> dict[str, dict[str, Any]]:
-    """Rows already on disk (``fits/*.json``) by fit id; unreadable files are ignored (rerun)."""
-    rows = {}
+def _load_rows(out: Path) -> tuple[dict[str, dict[str, Any]], list[Path]]:
+    """Readable rows of ``fits/*.json`` by fit id, and the unreadable files (not JSON, not an
+    object, no ``fit_id`` or one that does not match the file name)."""
+    rows, bad = {}, []
     for p in sorted(Path(out, "fits").glob("*.json")):
         try:
             row = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            bad.append(p)
+            continue
+        if not isinstance(row, dict) or row.get("fit_id") != p.stem:
+            bad.append(p)
             continue
         rows[row["fit_id"]] = row
-    return rows
+    return rows, bad
+
+
+def read_results(out: str | Path) -> dict[str, dict[str, Any]]:
+    """Rows already on disk (``fits/*.json``) by fit id; unreadable files (not JSON, or not a
+    row: ``{}``, ``[1, 2]``, ...) are ignored (the job reruns those fits)."""
+    return _load_rows(Path(out))[0]
+
+
+def _netcdf_readable(path: Path) -> bool:
+    """Whether the netCDF file opens and every variable of every group reads in full."""
+    try:
+        import h5netcdf
+
+        with h5netcdf.File(path, "r") as f:
+
+            def visit(group) -> None:
+                for var in group.variables.values():
+                    var[...]
+                for sub in group.groups.values():
+                    visit(sub)
+
+            visit(f)
+        return True
+    except ImportError:  # pragma: no cover - h5netcdf comes with ArviZ
+        pass
+    except Exception:  # noqa: BLE001 - truncated or corrupt: rerun the fit
+        return False
+    try:  # pragma: no cover
+        import arviz as az
+
+        az.from_netcdf(path).to_dict()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _is_done(row: dict[str, Any] | None, out: Path, retry_failed: bool) -> bool:
     if row is None:
         return False
+    if str(row.get("reason", "")).startswith(_WRITE_ERROR):
+        return False  # stopped by a write error: not a result, rerun
     if row.get("status") == "ok":
         return not row.get("netcdf") or (out / row["netcdf"]).is_file()
     return not retry_failed
 
 
-def _write_table(rows: dict[str, dict[str, Any]], path: Path) -> None:
+def _verified(rows: dict[str, dict[str, Any]], out: Path, ids: Iterable[str]) -> list[str]:
+    """Fit ids (of ``ids``) recorded on disk whose netCDF file does not read in full."""
+    bad = []
+    for fid in ids:
+        row = rows.get(fid)
+        nc = row.get("netcdf") if row else None
+        if nc and (out / nc).is_file() and not _netcdf_readable(out / nc):
+            bad.append(fid)
+    return bad
+
+
+def _expand_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row with its ``data`` and ``options`` JSON as one ``data.KEY`` / ``option.KEY`` entry
+    per data setting and per method option."""
+    flat = {k: v for k, v in row.items() if k not in ("data", "options")}
+    for col, prefix in (("data", "data."), ("options", "option.")):
+        value = row.get(col)
+        try:
+            value = json.loads(value) if isinstance(value, str) else value
+        except ValueError:
+            value = None
+        for k, v in (value or {}).items() if isinstance(value, dict) else ():
+            flat[prefix + k] = v if isinstance(v, str | int | float | bool) else _canon(v)
+    return flat
+
+
+def _table(rows: Iterable[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    flat = [_expand_row(r) for r in rows]
+    extra = sorted({k for r in flat for k in r if k.startswith(("data.", "option."))})
+    base = [c for c in RESULT_COLUMNS if c not in ("data", "options")]
+    i = base.index("seed") + 1
+    return [*base[:i], *extra, *base[i:]], flat
+
+
+def read_results_frame(out: str | Path):
+    """The rows on disk (``fits/*.json``) as a :class:`pandas.DataFrame`, one row per fit and
+    one column per data setting (``data.KEY``) and method option (``option.KEY``), as in
+    ``results.csv``. Needs pandas (``pip install 'pcbtl[dev]'``)."""
+    import pandas as pd
+
+    rows = read_results(out)
+    columns, flat = _table(rows[k] for k in sorted(rows))
+    return pd.DataFrame(flat, columns=columns)
+
+
+def _write_table(
+    rows: dict[str, dict[str, Any]], path: Path, ids: Iterable[str] | None = None
+) -> None:
+    """``results.csv``: the rows of ``ids`` (default all) — see :func:`read_results_frame`."""
+    keep = sorted(rows) if ids is None else sorted(set(ids) & set(rows))
+    columns, flat = _table(rows[k] for k in keep)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
-    for fid in sorted(rows):
-        w.writerow({k: rows[fid].get(k, "") for k in RESULT_COLUMNS})
+    for r in flat:
+        w.writerow({k: r.get(k, "") for k in columns})
     atomic_write_text(path, buf.getvalue())
+
+
+#: Config entries that decide the fits and their results; another value is another job.
+_IDENTITY = ("methods", "seeds", "data", "source", "sampler", "max_divergence_fraction", "x64")
+
+
+def _identity(config_dict: dict[str, Any]) -> str:
+    return _canon({k: config_dict.get(k) for k in _IDENTITY})
+
+
+def _check_same_job(out: Path, meta: dict[str, Any], force: bool) -> None:
+    path = out / "job.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))["config"]
+        same = _identity(old) == _identity(json.loads(_canon(meta["config"])))
+    except (OSError, ValueError, KeyError, TypeError):
+        old, same = None, False
+    if same:
+        return
+    what = "holds an unreadable job.json" if old is None else "holds a job of another config"
+    if not force:
+        raise JobError(
+            f"{out} {what}; use another --out, or --force to run this config there "
+            "(its results.csv then lists this config's fits only)"
+        )
+    _say(
+        f"--force: {out} {what}; job.json is replaced and results.csv lists this config's "
+        "fits only (files of other fits stay in fits/, fits of equal id are reused)"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Lock:
+    """``out/.lock`` (pid, host, start time) held while a job runs in ``out``."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".lock"
+        self.me = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.held = False
+
+    def acquire(self) -> None:
+        info = {**self.me, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        for _ in range(3):
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".lock.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(info, fh)
+                os.link(tmp, self.path)  # atomic: fails if the lock exists
+                self.held = True
+                return
+            except FileExistsError:
+                pass
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            try:
+                other = json.loads(self.path.read_text(encoding="utf-8"))
+                pid, host = int(other["pid"]), str(other["host"])
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError):
+                raise JobError(
+                    f"{self.path} exists but is unreadable; if no job runs in "
+                    f"{self.path.parent}, delete it"
+                ) from None
+            if host == self.me["host"] and not _pid_alive(pid):
+                _say(f"taking over the stale lock of pid {pid} on {host} (that process is gone)")
+                self.path.unlink(missing_ok=True)
+                continue
+            raise JobError(
+                f"{self.path.parent} is in use by pid {pid} on host {host} "
+                f"(since {other.get('started', '?')}); if that job is gone, delete {self.path}"
+            )
+        raise JobError(f"could not take the lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 def run_job(
@@ -707,62 +1155,95 @@ def run_job(
     builders: dict[str, Callable] | None = None,
     on_fit: Callable[[dict[str, Any]], None] | None = None,
     client: Any = None,
+    force: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run every fit of ``config`` not yet on disk in ``config.out``; return all rows by fit id.
 
     ``engine = "local"`` runs the groups in this process; ``"dask"`` submits them to ``client``
     (a ``dask.distributed.Client``), to ``config.scheduler``, or to a new ``LocalCluster`` of
     ``config.workers`` processes. ``builders``/``on_fit``: see :func:`run_group` (local only).
+
+    Before any fit: ``out/.lock`` is taken (another live run there raises :class:`JobError`
+    naming its pid and host; the lock of a dead process on this host is taken over); a
+    different config already in ``out`` raises :class:`JobError` unless ``force``; orphan
+    temporary files in ``fits/`` are removed; every recorded fit is checked (its JSON a row,
+    its netCDF readable in full) and unreadable ones are rerun; ``results.csv`` is rebuilt
+    from the files. A write error (disk full, permissions) stops the job with
+    :class:`JobError`. Progress counts groups, so its time estimate comes from whole groups.
     """
     from tqdm.auto import tqdm
 
     if config.x64:
         jax.config.update("jax_enable_x64", True)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(f"cannot create the output folder: {_os_error(exc)}") from None
     fits = expand_fits(config)
+    ids = [f.fit_id for f in fits]
     meta = {
         "config": {k: v for k, v in asdict(config).items() if k != "out"},
         "n_fits": len(fits),
     }
-    atomic_write_text(out / "job.json", json.dumps(meta, indent=2, default=_json_default))
-    rows = read_results(out)
-    todo = [f for f in fits if not _is_done(rows.get(f.fit_id), out, config.retry_failed)]
-    groups = group_fits(todo, config.batch_size)
-    bar = tqdm(
-        total=len(fits),
-        initial=len(fits) - len(todo),
-        unit="fit",
-        disable=not progress,
-        desc="pcbtl batch",
-    )
+    lock = _Lock(out)
     try:
-        if config.engine == "local":
-            for group in groups:
+        lock.acquire()
+    except OSError as exc:
+        raise JobError(f"cannot write the lock file: {_os_error(exc)}") from None
+    try:
+        _check_same_job(out, meta, force)
+        fits_dir = out / "fits"
+        for tmp in [*fits_dir.glob("*.tmp"), *fits_dir.glob(".*.tmp"), *out.glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)
+        rows, bad_files = _load_rows(out)
+        for p in bad_files:
+            _say(f"{p.name} is not a readable fit row; rerunning that fit")
+        for fid in _verified(rows, out, ids):
+            _say(f"fits/{fid}.nc does not read in full; rerunning that fit")
+            del rows[fid]
+        atomic_write_text(out / "job.json", json.dumps(meta, indent=2, default=_json_default))
+        _write_table(rows, out / "results.csv", ids)
+        todo = [f for f in fits if not _is_done(rows.get(f.fit_id), out, config.retry_failed)]
+        groups = group_fits(todo, config.batch_size)
+        bar = tqdm(total=len(groups), unit="group", disable=not progress, desc="pcbtl batch")
+        n_done = [len(fits) - len(todo)]
 
-                def record(row, _bar=bar):
-                    rows[row["fit_id"]] = row
-                    _bar.update(1)
-                    if on_fit is not None:
-                        on_fit(row)
+        def record(row):
+            rows[row["fit_id"]] = row
+            n_done[0] += 1
+            bar.set_postfix_str(f"{n_done[0]}/{len(fits)} fits", refresh=False)
+            if on_fit is not None:
+                on_fit(row)
 
-                run_group(
-                    group,
-                    out,
-                    max_divergence_fraction=config.max_divergence_fraction,
-                    builders=builders,
-                    on_fit=record,
-                )
-                _write_table(rows, out / "results.csv")
-        else:
-            _run_dask(config, groups, out, rows, bar, client)
+        try:
+            if config.engine == "local":
+                for group in groups:
+                    run_group(
+                        group,
+                        out,
+                        max_divergence_fraction=config.max_divergence_fraction,
+                        builders=builders,
+                        on_fit=record,
+                    )
+                    bar.update(1)
+                    _write_table(rows, out / "results.csv", ids)
+            else:
+                _run_dask(config, groups, out, rows, bar, client, ids, record)
+        finally:
+            bar.close()
+            try:
+                _write_table(rows, out / "results.csv", ids)
+            except OSError:
+                pass  # the fits are on disk; the next run rebuilds the table
+    except OSError as exc:
+        raise JobError(f"cannot write to {out}: {_os_error(exc)}") from None
     finally:
-        bar.close()
-        _write_table(rows, out / "results.csv")
+        lock.release()
     return rows
 
 
-def _run_dask(config, groups, out, rows, bar, client) -> None:
+def _run_dask(config, groups, out, rows, bar, client, ids, record) -> None:
     try:
         from dask.distributed import Client, LocalCluster, as_completed
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -790,9 +1271,9 @@ def _run_dask(config, groups, out, rows, bar, client) -> None:
         ]
         for fut in as_completed(futures):
             for row in fut.result():
-                rows[row["fit_id"]] = row
-                bar.update(1)
-            _write_table(rows, out / "results.csv")
+                record(row)
+            bar.update(1)
+            _write_table(rows, out / "results.csv", ids)
     finally:
         if own is not None:
             cluster = getattr(own, "cluster", None)
@@ -806,6 +1287,25 @@ def _run_dask(config, groups, out, rows, bar, client) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _describe_group(group: Sequence[FitSpec]) -> str:
+    """One line with every setting of a group: method, options, sampler, seeds, data."""
+    first = group[0]
+    data = []
+    for k in sorted({k for f in group for k in f.data}):
+        values = []
+        for f in group:
+            v = f.data.get(k)
+            if v not in values:
+                values.append(v)
+        data.append(f"{k}={_canon(values[0] if len(values) == 1 else values)}")
+    seeds = sorted({f.seed for f in group})
+    parts = [f"{len(group):>4} × {first.method}", f"options={_canon(first.options)}"]
+    if _takes_sampler(first.method):
+        parts.append(f"sampler={_canon(first.sampler)}")
+    parts += [f"seeds={_canon(seeds)}", "data: " + " ".join(data)]
+    return " ".join(parts)
+
+
 def _batch(args: argparse.Namespace) -> int:
     overrides = {
         "out": args.out,
@@ -814,26 +1314,37 @@ def _batch(args: argparse.Namespace) -> int:
         "scheduler": args.scheduler,
         "retry_failed": True if args.retry_failed else None,
     }
-    config = load_config(args.config, **overrides)
-    fits = expand_fits(config)
+    try:
+        config = load_config(args.config, **overrides)
+        fits = expand_fits(config)
+    except (ValueError, TypeError) as exc:
+        print(f"pcbtl batch: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pcbtl batch: error: cannot read {args.config}: {_os_error(exc)}", file=sys.stderr)
+        return 2
     if args.dry_run:
         groups = group_fits(fits, config.batch_size)
         print(f"{len(fits)} fits in {len(groups)} groups -> {config.out}")
         for g in groups:
-            print(f"  {len(g):>4} × {g[0].method} {_canon(g[0].data)}")
+            print("  " + _describe_group(g))
         return 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There are not enough devices")
         try:
-            rows = run_job(config, progress=not args.no_progress)
+            rows = run_job(config, progress=not args.no_progress, force=args.force)
         except KeyboardInterrupt:
             print("\ninterrupted: finished fits are saved; run the same command to resume")
             return 130
-    status = [r.get("status") for r in rows.values() if r["fit_id"] in {f.fit_id for f in fits}]
+        except JobError as exc:
+            print(f"pcbtl batch: error: {exc}", file=sys.stderr)
+            return 1
+    ids = {f.fit_id for f in fits}
+    status = [r.get("status") for r in rows.values() if r["fit_id"] in ids]
     n_ok, n_failed = status.count("ok"), status.count("failed")
     print(f"{n_ok} ok, {n_failed} failed of {len(fits)} fits; table: {config.out / 'results.csv'}")
     for r in rows.values():
-        if r.get("status") == "failed":
+        if r.get("status") == "failed" and r["fit_id"] in ids:
             print(f"  failed {r['fit_id']}: {r['reason']}")
     return 0 if n_failed == 0 else 1
 
@@ -847,6 +1358,13 @@ def add_batch_command(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="Dask LocalCluster processes")
     p.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
     p.add_argument("--retry-failed", action="store_true", help="rerun fits recorded as failed")
-    p.add_argument("--dry-run", action="store_true", help="list the fits and groups and exit")
+    p.add_argument(
+        "--dry-run", action="store_true", help="check the config, list the groups and exit"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="run in an --out that holds another config (results.csv then lists this one's)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_batch)
