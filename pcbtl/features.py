@@ -91,6 +91,7 @@ from ase import Atoms
 from ase.data import atomic_masses, chemical_symbols, covalent_radii
 from ase.formula import Formula
 from ase.neighborlist import neighbor_list
+from sklearn.base import BaseEstimator, TransformerMixin
 
 __all__ = [
     "ELEMENTS",
@@ -336,8 +337,53 @@ def parse_formula(formula: str) -> dict[str, float]:
 # --------------------------------------------------------------------------------------
 
 
-class CompositionFeaturizer:
+def _entries(X: Any) -> Any:
+    """The rows of a transformer input: a sequence as it is; a one-column DataFrame or 2-D
+    array (what ``ColumnTransformer`` passes) as its single column."""
+    if getattr(X, "ndim", 1) == 2:
+        if X.shape[1] != 1:
+            raise ValueError(f"expected one column of entries, got shape {X.shape}")
+        return X.iloc[:, 0] if hasattr(X, "iloc") else np.asarray(X)[:, 0]
+    return X
+
+
+class _StatelessTransformer(TransformerMixin, BaseEstimator):
+    """A scikit-learn transformer that learns nothing: ``fit`` checks the parameters and
+    returns ``self``, ``transform`` works with or without it, and ``get_feature_names_out``
+    (hence ``set_output(transform="pandas")``) names the columns."""
+
+    feature_names: list[str]
+
+    def _check_params(self) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def fit(self, X: Any = None, y: Any = None) -> _StatelessTransformer:
+        """Check the parameters; nothing is learned from ``X`` (any ``y`` is ignored)."""
+        self._check_params()
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return True
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.two_d_array = False
+        tags.input_tags.one_d_array = True
+        return tags
+
+    def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
+        """Names of the output columns (the input has none to pass on)."""
+        return np.asarray(self.feature_names, dtype=object)
+
+
+class CompositionFeaturizer(_StatelessTransformer):
     """Element fractions plus Magpie-style weighted property statistics of a formula.
+
+    A scikit-learn transformer: ``Pipeline([("features", CompositionFeaturizer()),
+    ("model", PCTransferRegressor(source))]).fit(formulas, y)`` works on a list (or Series, or
+    one-column DataFrame) of formulas; ``fit`` learns nothing, and :meth:`transform` works
+    without it. The parameters are stored as given and checked in ``fit`` and ``transform``.
 
     Parameters
     ----------
@@ -362,32 +408,37 @@ class CompositionFeaturizer:
         property_table: np.ndarray | None = None,
         property_names: Sequence[str] | None = None,
     ) -> None:
-        unknown = [s for s in stats if s not in STAT_NAMES]
+        self.include_fractions = include_fractions
+        self.stats = stats
+        self.property_table = property_table
+        self.property_names = property_names
+
+    def _check_params(self) -> None:
+        unknown = [s for s in self.stats if s not in STAT_NAMES]
         if unknown:
             raise ValueError(f"unknown statistics {unknown}; choose from {STAT_NAMES}")
-        self.include_fractions = bool(include_fractions)
-        self.stats: tuple[str, ...] = tuple(stats)
-        if property_table is None:
-            table, names = element_property_table(impute=True)
-        else:
-            table = np.array(property_table, dtype=float)
-            names = list(property_names) if property_names is not None else []
-            if table.ndim != 2 or table.shape[0] != len(ELEMENTS):
-                raise ValueError(f"property_table must have shape ({len(ELEMENTS)}, P)")
-            if len(names) != table.shape[1]:
-                raise ValueError("property_names must name every column of property_table")
-            if not np.all(np.isfinite(table)):
-                raise ValueError("property_table must be finite (impute missing values)")
-        table.setflags(write=False)
-        self.property_table: np.ndarray = table
-        self.property_names: list[str] = list(names)
+        self._table()
+
+    def _table(self) -> tuple[np.ndarray, list[str]]:
+        """The (94, P) property table in use and its column names (checked)."""
+        if self.property_table is None:
+            return element_property_table(impute=True)
+        table = np.array(self.property_table, dtype=float)
+        names = list(self.property_names) if self.property_names is not None else []
+        if table.ndim != 2 or table.shape[0] != len(ELEMENTS):
+            raise ValueError(f"property_table must have shape ({len(ELEMENTS)}, P)")
+        if len(names) != table.shape[1]:
+            raise ValueError("property_names must name every column of property_table")
+        if not np.all(np.isfinite(table)):
+            raise ValueError("property_table must be finite (impute missing values)")
+        return table, names
 
     # -- names -------------------------------------------------------------------------
     @property
     def feature_names(self) -> list[str]:
         """Names of the output columns, in order."""
         names = [f"frac_{e}" for e in ELEMENTS] if self.include_fractions else []
-        for p in self.property_names:
+        for p in self._table()[1]:
             names.extend(f"{s}_{p}" for s in self.stats)
         return names
 
@@ -398,12 +449,13 @@ class CompositionFeaturizer:
     # -- featurization -----------------------------------------------------------------
     def transform(self, formulas: Iterable[str]) -> np.ndarray:
         """Features of every formula, shape (n, n_features); ``ValueError`` on a bad row."""
-        return self.featurize(formulas).X
+        return self.featurize(_entries(formulas)).X
 
     def featurize(self, formulas: Iterable[str], *, skip_invalid: bool = False) -> FeaturizeResult:
         """Featurize formulas; with ``skip_invalid`` bad rows are reported, not raised."""
         if isinstance(formulas, str):
             raise TypeError("formulas must be a sequence of strings, not a single string")
+        self._check_params()
         comps: list[dict[str, float]] = []
         kept: list[int] = []
         skipped: list[SkippedRow] = []
@@ -439,6 +491,8 @@ class CompositionFeaturizer:
 
     def _from_compositions(self, comps: Sequence[Mapping[str, float]]) -> np.ndarray:
         """Vectorised features of already validated compositions."""
+        property_table, _ = self._table()
+        stats = tuple(self.stats)
         n = len(comps)
         n_el = len(ELEMENTS)
         if n == 0:
@@ -459,36 +513,38 @@ class CompositionFeaturizer:
             np.add.at(fr, (np.repeat(np.arange(n), width), idx.ravel()), frac.ravel())
             blocks.append(fr[:, :n_el])
 
-        table = np.vstack([self.property_table, np.zeros((1, self.property_table.shape[1]))])
+        table = np.vstack([property_table, np.zeros((1, property_table.shape[1]))])
         P = table[idx]  # (n, width, n_prop)
         w = frac[:, :, None]
         mask = present[:, :, None]
         mean = (w * P).sum(axis=1)
         stat_values: dict[str, np.ndarray] = {"mean": mean}
-        if "avg_dev" in self.stats:
+        if "avg_dev" in stats:
             stat_values["avg_dev"] = (w * np.abs(P - mean[:, None, :])).sum(axis=1)
         pmin = np.where(mask, P, np.inf).min(axis=1)
         pmax = np.where(mask, P, -np.inf).max(axis=1)
         stat_values["min"], stat_values["max"], stat_values["range"] = pmin, pmax, pmax - pmin
-        if "mode" in self.stats:
+        if "mode" in stats:
             top = frac.max(axis=1, keepdims=True)
             is_top = present & (frac >= top * (1.0 - 1e-9))
             stat_values["mode"] = np.where(is_top[:, :, None], P, np.inf).min(axis=1)
-        stacked = np.stack([stat_values[s] for s in self.stats], axis=2)  # (n, n_prop, n_stat)
+        stacked = np.stack([stat_values[s] for s in stats], axis=2)  # (n, n_prop, n_stat)
         blocks.append(stacked.reshape(n, -1))
         return np.ascontiguousarray(np.hstack(blocks), dtype=float)
 
     # -- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description, including the property table itself."""
+        self._check_params()
+        table, names = self._table()
         return {
             "type": "CompositionFeaturizer",
             "format_version": _FEATURIZER_FORMAT_VERSION,
             "elements": list(ELEMENTS),
-            "include_fractions": self.include_fractions,
+            "include_fractions": bool(self.include_fractions),
             "stats": list(self.stats),
-            "property_names": list(self.property_names),
-            "property_table": self.property_table.tolist(),
+            "property_names": list(names),
+            "property_table": table.tolist(),
         }
 
     @classmethod
@@ -500,18 +556,14 @@ class CompositionFeaturizer:
             raise ValueError(f"unsupported format_version {d.get('format_version')!r}")
         if list(d["elements"]) != list(ELEMENTS):
             raise ValueError("stored element list differs from this version's H..Pu list")
-        return cls(
+        out = cls(
             include_fractions=bool(d["include_fractions"]),
-            stats=list(d["stats"]),
+            stats=tuple(d["stats"]),
             property_table=np.asarray(d["property_table"], dtype=float),
             property_names=list(d["property_names"]),
         )
-
-    def __repr__(self) -> str:
-        return (
-            f"CompositionFeaturizer(n_features={self.n_features}, "
-            f"include_fractions={self.include_fractions}, stats={list(self.stats)})"
-        )
+        out._check_params()
+        return out
 
 
 # --------------------------------------------------------------------------------------
@@ -521,8 +573,12 @@ class CompositionFeaturizer:
 _AMU_PER_A3_TO_G_PER_CM3 = 1.66053906660  # 1 u / 1 Angstrom^3 in g/cm^3
 
 
-class StructureFeaturizer:
+class StructureFeaturizer(_StatelessTransformer):
     """Geometric descriptors of a periodic crystal plus its composition features.
+
+    A scikit-learn transformer of a list of :class:`ase.Atoms` (as
+    :class:`CompositionFeaturizer`: ``fit`` learns nothing; parameters are checked in ``fit``
+    and ``transform``). ``composition=None`` uses a default :class:`CompositionFeaturizer`.
 
     For an :class:`ase.Atoms` with N atoms, masses :math:`m_i` (u), covalent radii
     :math:`r_i` (Cordero et al. 2008, from :data:`ase.data.covalent_radii`) and cell
@@ -566,15 +622,23 @@ class StructureFeaturizer:
         composition: CompositionFeaturizer | None = None,
         max_cutoff: float = 20.0,
     ) -> None:
-        if not nn_tolerance >= 0:
+        self.nn_tolerance = nn_tolerance
+        self.composition = composition
+        self.max_cutoff = max_cutoff
+
+    def _check_params(self) -> None:
+        if not self.nn_tolerance >= 0:
             raise ValueError("nn_tolerance must be >= 0")
-        self.nn_tolerance = float(nn_tolerance)
-        self.max_cutoff = float(max_cutoff)
-        self.composition = composition if composition is not None else CompositionFeaturizer()
+        self._composition()._check_params()
+
+    def _composition(self) -> CompositionFeaturizer:
+        if self.composition is None:
+            return _default_composition_featurizer()
+        return self.composition
 
     @property
     def feature_names(self) -> list[str]:
-        return list(self.GEOMETRY_NAMES) + self.composition.feature_names
+        return list(self.GEOMETRY_NAMES) + self._composition().feature_names
 
     @property
     def n_features(self) -> int:
@@ -582,7 +646,7 @@ class StructureFeaturizer:
 
     def transform(self, atoms_list: Iterable[Atoms]) -> np.ndarray:
         """Features of every structure, shape (n, n_features); ``ValueError`` on a bad row."""
-        return self.featurize(atoms_list).X
+        return self.featurize(_entries(atoms_list)).X
 
     def featurize(
         self, atoms_list: Iterable[Atoms], *, skip_invalid: bool = False
@@ -590,6 +654,7 @@ class StructureFeaturizer:
         """Featurize structures; with ``skip_invalid`` bad rows are reported, not raised."""
         if isinstance(atoms_list, Atoms):
             raise TypeError("atoms_list must be a sequence of Atoms, not a single Atoms")
+        self._check_params()
         geo: list[np.ndarray] = []
         comps: list[dict[str, float]] = []
         kept: list[int] = []
@@ -607,7 +672,7 @@ class StructureFeaturizer:
             comps.append(comp)
             kept.append(i)
         G = np.array(geo, dtype=float).reshape(len(geo), len(self.GEOMETRY_NAMES))
-        C = self.composition._from_compositions(comps)
+        C = self._composition()._from_compositions(comps)
         X = np.hstack([G, C]) if len(kept) else np.zeros((0, self.n_features))
         return FeaturizeResult(X, self.feature_names, np.asarray(kept, dtype=int), skipped)
 
@@ -673,12 +738,13 @@ class StructureFeaturizer:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description (includes the composition featurizer and its table)."""
+        self._check_params()
         return {
             "type": "StructureFeaturizer",
             "format_version": _FEATURIZER_FORMAT_VERSION,
-            "nn_tolerance": self.nn_tolerance,
-            "max_cutoff": self.max_cutoff,
-            "composition": self.composition.to_dict(),
+            "nn_tolerance": float(self.nn_tolerance),
+            "max_cutoff": float(self.max_cutoff),
+            "composition": self._composition().to_dict(),
         }
 
     @classmethod
@@ -688,16 +754,13 @@ class StructureFeaturizer:
             raise ValueError(f"not a StructureFeaturizer description: type={d.get('type')!r}")
         if d.get("format_version") != _FEATURIZER_FORMAT_VERSION:
             raise ValueError(f"unsupported format_version {d.get('format_version')!r}")
-        return cls(
+        out = cls(
             nn_tolerance=float(d["nn_tolerance"]),
             max_cutoff=float(d["max_cutoff"]),
             composition=CompositionFeaturizer.from_dict(d["composition"]),
         )
-
-    def __repr__(self) -> str:
-        return (
-            f"StructureFeaturizer(n_features={self.n_features}, nn_tolerance={self.nn_tolerance})"
-        )
+        out._check_params()
+        return out
 
 
 def _describe_atoms(atoms: object) -> str:

@@ -54,8 +54,8 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import StratifiedKFold
 
-from pcbtl._validation import check_probability, check_X, check_Xy
-from pcbtl.transfer import PosteriorRegressor
+from pcbtl._validation import check_probability, check_Xy
+from pcbtl.transfer import PosteriorRegressor, RegressorBase
 
 __all__ = [
     "HurdleRegressor",
@@ -284,14 +284,20 @@ def zero_classifier(
     return _FlooredCalibratedClassifierCV(clf, method=calibration, cv=cv, ensemble=True)
 
 
-class HurdleRegressor:
+class HurdleRegressor(RegressorBase):
     r"""Hurdle model: classifier for ``y = 0`` plus a Bayesian regressor for ``y > 0``.
+
+    A scikit-learn regressor (:class:`pcbtl.transfer.RegressorBase`): ``regressor`` and
+    ``classifier`` are parameters (``regressor__U`` reaches the regressor's ``U`` in
+    ``set_params`` and ``GridSearchCV``) and are cloned by ``fit``, which leaves them
+    unfitted; the fitted copies are ``regressor_`` and ``classifier_``.
 
     Parameters
     ----------
     regressor:
         A :class:`pcbtl.transfer.PosteriorRegressor` (``PCTransferRegressor``,
-        ``BayesianNetworkRegressor``, ...), fitted on the rows with ``y > zero_tol``.
+        ``BayesianNetworkRegressor``, ...); a clone of it is fitted on the rows with
+        ``y > zero_tol``.
     classifier:
         A scikit-learn classifier with ``predict_proba``; default
         ``HistGradientBoostingClassifier`` (gradient-boosted trees; no scaling needed).
@@ -355,12 +361,14 @@ class HurdleRegressor:
         return X if self.classifier_features is None else self.classifier_features(X)
 
     def fit(self, X: Any, y: Any) -> HurdleRegressor:
-        """Fit ``π`` on all rows (zero or not) and the regressor on the positive rows."""
+        """Fit ``π`` on all rows (zero or not) and a clone of the regressor on the positive
+        rows; returns ``self``."""
         if not isinstance(self.regressor, PosteriorRegressor):
             raise ValueError("regressor must be a pcbtl PosteriorRegressor (posterior draws)")
         if self.point not in ("median", "mean"):
             raise ValueError(f"point must be 'median' or 'mean', got {self.point!r}")
         clf = zero_classifier(self.classifier, self.calibration, self.calibration_cv)
+        X_in = X
         X, y = check_Xy(X, y, min_rows=4)
         if np.any(y < 0):
             raise ValueError(f"y must be non-negative for a hurdle model; min is {y.min()}")
@@ -372,30 +380,28 @@ class HurdleRegressor:
         t0 = time.perf_counter()
         clf.fit(self._features(X), zero)
         t1 = time.perf_counter()
-        reg = self.regressor.fit(X[~zero], y[~zero])
+        reg = clone(self.regressor).fit(X[~zero], y[~zero])
         self.classifier_ = clf
         self.regressor_ = reg
         self.zero_fraction_ = float(zero.mean())
-        self.n_features_in_ = X.shape[1]
         self.classifier_seconds_ = t1 - t0
         self.fit_seconds_ = time.perf_counter() - t0
+        self.n_features_in_ = X.shape[1]
+        self._record_features(X_in)
         return self
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "regressor_"):
-            raise RuntimeError("this HurdleRegressor is not fitted yet; call fit(X, y)")
 
     def predict_proba_zero(self, X: Any) -> np.ndarray:
         """``π(x) = P(y = 0 | x)`` for each row of ``X``."""
-        self._check_fitted()
-        X = check_X(X, "X", n_features=self.n_features_in_)
+        return self._proba_zero(self._check_input(X))
+
+    def _proba_zero(self, X: np.ndarray) -> np.ndarray:
         classes = list(self.classifier_.classes_)
         return self.classifier_.predict_proba(self._features(X))[:, classes.index(True)]
 
     def _parts(self, X: Any):
-        pi = self.predict_proba_zero(X)
+        X = self._check_input(X)
         means = self.regressor_._means(X)
-        return pi, means, self.regressor_.sigma_draws_
+        return self._proba_zero(X), means, self.regressor_.sigma_draws_
 
     def _quantiles(self, pi, means, sds, probs) -> np.ndarray:
         q = _hurdle_quantiles(

@@ -66,8 +66,10 @@ from pcbtl.transfer import (
     BayesianNetworkRegressor,
     PCTransferRegressor,
     PosteriorRegressor,
+    RegressorBase,
     _batched_apply,
     _with_bias,
+    _without_compiled,
 )
 
 __all__ = [
@@ -115,22 +117,18 @@ def _check_int(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
-class GaussianPredictive:
-    """Mixin for methods whose predictive is ``N(μ(x), s(x)²)``: subclasses implement
-    ``_predict_gaussian(X) -> (μ, s)`` on checked inputs and set ``n_features_in_`` in ``fit``."""
+class GaussianPredictive(RegressorBase):
+    """Base of the methods whose predictive is ``N(μ(x), s(x)²)`` (a scikit-learn regressor,
+    :class:`pcbtl.transfer.RegressorBase`): subclasses implement ``_predict_gaussian(X) -> (μ, s)``
+    on checked inputs and set ``n_features_in_`` in ``fit``."""
 
     n_features_in_: int
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "n_features_in_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
 
     def _predict_gaussian(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def _checked(self, X: Any) -> np.ndarray:
-        self._check_fitted()
-        return check_X(X, "X", n_features=self.n_features_in_)
+        return self._check_input(X)
 
     def predict(self, X: Any, return_std: bool = False):
         """Predictive mean; with ``return_std`` also the predictive sd."""
@@ -259,9 +257,10 @@ class SourceOnlyRegressor(GaussianPredictive):
 
     def fit(self, X: Any, y: Any) -> SourceOnlyRegressor:
         _check_source(self.source)
-        X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=1)
-        self.n_features_in_ = X.shape[1]
+        Xc, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=1)
         self.fit_seconds_ = 0.0
+        self.n_features_in_ = Xc.shape[1]
+        self._record_features(X)
         return self
 
     def _predict_gaussian(self, X):
@@ -317,6 +316,7 @@ class FineTuneRegressor(GaussianPredictive):
         check_probability(self.validation_fraction, "validation_fraction")
         if float(self.weight_decay) < 0:
             raise ValueError(f"weight_decay must be non-negative, got {self.weight_decay!r}")
+        X_in = X
         X, y = check_Xy(X, y, n_features=src.n_features, min_rows=4)
         t0 = time.perf_counter()
         # fit in standardised label units (the source mapped to them), outputs mapped back
@@ -346,17 +346,25 @@ class FineTuneRegressor(GaussianPredictive):
         steps = best_k + 1
         params, _ = run(params0, Xj, yj, jnp.ones(n, jnp.float32), w_val, steps)
         self.params_ = jax.device_get(params)
+        self._fit_source = src
         self._apply = jax.jit(src.apply)
         self.y_affine_ = (loc, scale)
         self.best_step_ = int(steps)
         self.residual_sd_ = float(math.sqrt(best)) * scale
         self.validation_curve_ = val_curve * scale**2  # validation MSE in the units of y²
-        self.n_features_in_ = X.shape[1]
         self.fit_seconds_ = time.perf_counter() - t0
+        self.n_features_in_ = X.shape[1]
+        self._record_features(X_in)
         return self
+
+    def _portable_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        state.pop("_apply", None)  # a jitted function: rebuilt on first use
+        return super()._portable_state(state)
 
     def _predict_gaussian(self, X):
         loc, scale = self.y_affine_
+        if "_apply" not in vars(self):
+            self._apply = jax.jit(self._fit_source.apply)
         mu = np.asarray(self._apply(self.params_, jnp.asarray(X, jnp.float32)), np.float64)
         return loc + scale * mu, np.full_like(mu, self.residual_sd_)
 
@@ -605,9 +613,8 @@ class MultiTaskRegressor(PosteriorRegressor):
         self.seed = seed
         self.progress_bar = progress_bar
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "n_features_in_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
+    #: fitted with either base learner (``posterior_`` exists only for ``"bnn"``)
+    _FITTED_ATTRIBUTE = "n_features_in_"
 
     def _stack(self, X: Any, y: Any):
         """Checked data stacked as rows ``[x, t]`` (see :func:`_stack_tasks`)."""
@@ -645,6 +652,8 @@ class MultiTaskRegressor(PosteriorRegressor):
         return X, Xa, ya, task, t0
 
     def fit(self, X: Any, y: Any) -> MultiTaskRegressor:
+        """Fit the base learner on the stacked source and target rows; returns ``self``."""
+        X_in = X
         X, Xa, ya, task, t0 = self._stack(X, y)
         if self.base == "rf":
             self.forest_ = _fit_forest(
@@ -655,12 +664,13 @@ class MultiTaskRegressor(PosteriorRegressor):
                 seed=self.seed,
                 noise_rows=task == 1,
             )
+            self.fit_seconds_ = time.perf_counter() - t0
+            self.n_features_in_ = X.shape[1]
         else:
             plan = self._bnn_plan(Xa, ya, task, t0)
             posterior = run_plans([plan], progress_bar=self.progress_bar)[0]
-            return plan.complete(posterior, seconds=time.perf_counter() - t0)
-        self.n_features_in_ = X.shape[1]
-        self.fit_seconds_ = time.perf_counter() - t0
+            plan.complete(posterior, seconds=time.perf_counter() - t0)
+        self._record_features(X_in)
         return self
 
     def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
@@ -691,6 +701,11 @@ class MultiTaskRegressor(PosteriorRegressor):
             self.idata_ = self._finish(posterior, Xa[tgt][:, :-1], ya[tgt], tp, affine=affine)
             self.y_affine_ = affine
             self._state = tp
+            self._architecture = (
+                tuple(int(h) for h in self.hidden),
+                str(self.activation),
+                int(Xa.shape[1]),
+            )
             self.posterior_ = posterior
             self.num_divergences_ = posterior.num_divergences
             self.n_features_in_ = Xa.shape[1] - 1
@@ -721,16 +736,14 @@ class MultiTaskRegressor(PosteriorRegressor):
 
     def predict(self, X: Any, return_std: bool = False):
         if getattr(self, "forest_", None) is not None and self.base == "rf":
-            self._check_fitted()
-            mu, sd = self._forest_gaussian(check_X(X, "X", n_features=self.n_features_in_))
+            mu, sd = self._forest_gaussian(self._check_input(X))
             return (mu, sd) if return_std else mu
         return super().predict(X, return_std)
 
     def predict_interval(self, X: Any, level: float = 0.95):
         if getattr(self, "forest_", None) is not None and self.base == "rf":
             level = check_probability(level, "level")
-            self._check_fitted()
-            mu, sd = self._forest_gaussian(check_X(X, "X", n_features=self.n_features_in_))
+            mu, sd = self._forest_gaussian(self._check_input(X))
             z = norm.ppf(0.5 + level / 2.0)
             return mu - z * sd, mu + z * sd
         return super().predict_interval(X, level)
@@ -763,6 +776,9 @@ class _SourcePredictor:
             self.forest = _fit_forest(
                 Xs, ys, n_estimators=n_estimators, min_samples_leaf=leaf, seed=seed
             )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return _without_compiled(dict(vars(self)))
 
     def __call__(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.forest is None:
@@ -833,6 +849,7 @@ class _TwoStage(GaussianPredictive):
     def fit(self, X: Any, y: Any):
         """Fit the source predictor's view of ``(X, y)``, then the base learner on it."""
         t0 = time.perf_counter()
+        X_in = X
         X, y, sp = self._start(X, y)
         g, _ = sp(X)
         Xl, yl = self._learner_data(X, y, g)
@@ -846,7 +863,9 @@ class _TwoStage(GaussianPredictive):
             )
         else:
             learner = self._bnn_learner().fit(Xl, yl)
-        return self._complete_fit(learner, X, y, g, sp, time.perf_counter() - t0)
+        self._complete_fit(learner, X, y, g, sp, time.perf_counter() - t0)
+        self._record_features(X_in)
+        return self
 
     def _complete_fit(self, learner, X, y, g, sp, seconds: float):
         self._store(learner, X, y, g, sp)

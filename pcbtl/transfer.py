@@ -1,26 +1,38 @@
-r"""Scikit-learn style estimators over the NumPyro models.
+r"""Scikit-learn estimators over the NumPyro models.
 
 :class:`PCTransferRegressor` fits the target with the PC prior on the KL distance from the source
 predictive (DESIGN.md §2); :class:`BayesianNetworkRegressor` is a plain Bayesian network with
 Normal priors (target-only, or centred at the source weights). Both share the posterior-predictive
 machinery of :class:`PosteriorRegressor`: for posterior draws ``(g_s, σ_s)``, ``s = 1..S``, the
 predictive is the mixture ``(1/S) Σ_s N(g_s(x), σ_s²)``.
+
+Every estimator of the package is a scikit-learn regressor (``BaseEstimator`` and
+``RegressorMixin``, through :class:`RegressorBase`): ``__init__`` only stores its parameters
+(they are checked in ``fit``), so ``clone``, ``get_params``/``set_params``, ``Pipeline``,
+``cross_validate`` and ``GridSearchCV`` work; ``fit`` returns ``self``; ``score`` is the
+coefficient of determination ``R²``; an unfitted ``predict`` raises
+``sklearn.exceptions.NotFittedError``. A fitted estimator pickles: the compiled functions it
+holds are left out and rebuilt on load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr
 from numpyro.infer import init_to_median, init_to_sample
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import validate_data
 
 from pcbtl._validation import check_positive, check_probability, check_X, check_Xy
 from pcbtl.inference import (
@@ -48,6 +60,8 @@ from pcbtl.networks import (
     MLP,
     NetworkFn,
     SourceModel,
+    TransferParametrization,
+    _flat_apply,
     resolve_transfer_layers,
     split_frozen_trunk,
     transfer_parametrization,
@@ -68,6 +82,7 @@ __all__ = [
     "BayesianNetworkRegressor",
     "PCTransferRegressor",
     "PosteriorRegressor",
+    "RegressorBase",
     "sampler_health",
 ]
 
@@ -121,7 +136,128 @@ def _mixture_quantiles(means, sds, probs):
     return jax.vmap(one)(probs)
 
 
-class PosteriorRegressor:
+class _PortableParametrization(NamedTuple):
+    """A :class:`pcbtl.networks.TransferParametrization` as plain arrays, for pickling: its
+    :class:`pcbtl.networks.NetworkFn` holds a closure of the cached factory ``_flat_apply``,
+    which pickle cannot store, so the factory's arguments (``architecture``: hidden widths,
+    activation, input width) travel instead and the function is rebuilt on load."""
+
+    layers: tuple[str, ...]
+    theta_source: np.ndarray
+    scales: np.ndarray
+    aux: Any
+    architecture: tuple[tuple[int, ...], str, int]
+
+
+def _architecture(net: SourceModel) -> tuple[tuple[int, ...], str, int]:
+    """``(hidden, activation, n_features)`` of a network: the key of its ``_flat_apply``."""
+    return tuple(int(h) for h in net.hidden), str(net.activation), int(net.n_features)
+
+
+def _portable_parametrization(
+    tp: TransferParametrization, architecture: tuple[tuple[int, ...], str, int]
+) -> _PortableParametrization:
+    return _PortableParametrization(
+        tuple(tp.layers),
+        np.asarray(tp.theta_source),
+        np.asarray(tp.scales),
+        jax.device_get(tp.predict_fn.aux),
+        architecture,
+    )
+
+
+def _live_parametrization(p: _PortableParametrization) -> TransferParametrization:
+    """Rebuild the parametrization (the same cached apply function as a fresh fit gets)."""
+    hidden, activation, n_features = p.architecture
+    apply = _flat_apply(tuple(hidden), activation, int(n_features), tuple(p.layers))
+    aux = jax.tree_util.tree_map(jnp.asarray, p.aux)
+    return TransferParametrization(
+        tuple(p.layers),
+        jnp.asarray(p.theta_source),
+        jnp.asarray(p.scales),
+        NetworkFn(apply, aux),
+    )
+
+
+def _without_compiled(obj: Any, memo: dict[int, Any] | None = None) -> Any:
+    """``obj`` with every :class:`pcbtl.SourceModel` in it (inside dicts, lists and tuples)
+    replaced by a copy without its cached jitted functions (they are rebuilt on first use)."""
+    memo = {} if memo is None else memo
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, SourceModel):
+        out: Any = dataclasses.replace(obj)
+    elif isinstance(obj, dict):
+        out = {k: _without_compiled(v, memo) for k, v in obj.items()}
+    elif isinstance(obj, list):
+        out = [_without_compiled(v, memo) for v in obj]
+    elif type(obj) is tuple:
+        out = tuple(_without_compiled(v, memo) for v in obj)
+    else:
+        return obj
+    memo[id(obj)] = out
+    return out
+
+
+class RegressorBase(RegressorMixin, BaseEstimator):
+    """The scikit-learn base of every estimator in the package.
+
+    ``BaseEstimator`` gives ``get_params``/``set_params``, ``clone`` and the ``repr``;
+    ``RegressorMixin`` gives the ``"regressor"`` tags and ``score(X, y)``, the coefficient of
+    determination ``R² = 1 − Σ_i (y_i − ŷ_i)² / Σ_i (y_i − ȳ)²`` of :meth:`predict`.
+    Subclasses store their parameters in ``__init__`` unchanged and check them in ``fit``,
+    which ends with :meth:`_record_features` and returns ``self``; prediction methods start
+    with :meth:`_check_input`. Fitted means having the attribute ``_FITTED_ATTRIBUTE``.
+
+    Pickling (``pickle``, ``joblib.dump``) leaves out what cannot be pickled — the jitted
+    functions a :class:`pcbtl.SourceModel` caches, and whatever :meth:`_portable_state` of a
+    subclass takes out — and :meth:`_restore_state` rebuilds it on load, so predictions after
+    a round trip equal those before.
+    """
+
+    #: the attribute a successful ``fit`` sets last
+    _FITTED_ATTRIBUTE = "n_features_in_"
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self._FITTED_ATTRIBUTE in vars(self)
+
+    def _check_fitted(self) -> None:
+        """Raise :class:`sklearn.exceptions.NotFittedError` (a ``ValueError`` and an
+        ``AttributeError``) unless fitted."""
+        if not self.__sklearn_is_fitted__():
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
+
+    def _record_features(self, X: Any) -> None:
+        """Set ``feature_names_in_`` from the columns of a DataFrame ``X`` (remove it for any
+        other ``X``); ``n_features_in_`` is set by the fit itself."""
+        validate_data(self, X, reset=True, skip_check_array=True, ensure_2d=False)
+
+    def _check_input(self, X: Any) -> np.ndarray:
+        """Fitted check, the feature-name check of scikit-learn (an error when the columns of
+        a DataFrame differ from those seen in ``fit``, a warning when only one of them had
+        names), and ``X`` as a checked float64 array."""
+        self._check_fitted()
+        X_checked = check_X(X, "X", n_features=self.n_features_in_)
+        validate_data(self, X, reset=False, skip_check_array=True, ensure_2d=False)
+        return X_checked
+
+    # ---- pickling ------------------------------------------------------------------------
+    def _portable_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The picklable form of ``vars(self)`` (``state`` is a copy of it)."""
+        return _without_compiled(state)
+
+    def _restore_state(self) -> None:
+        """Rebuild, after unpickling, what :meth:`_portable_state` took out."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self._portable_state(dict(super().__getstate__()))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._restore_state()
+
+
+class PosteriorRegressor(RegressorBase):
     """Shared predictive methods for estimators holding posterior draws of ``(g, σ)``.
 
     Subclasses set ``posterior_`` (a :class:`pcbtl.inference.Posterior`) and implement
@@ -182,14 +318,37 @@ class PosteriorRegressor:
         t0 = time.perf_counter()
         plan = self._batch_plan(X, y)
         posterior = run_plans([plan], progress_bar=bool(getattr(self, "progress_bar", False)))[0]
-        return plan.complete(posterior, seconds=time.perf_counter() - t0)
+        plan.complete(posterior, seconds=time.perf_counter() - t0)
+        self._record_features(X)
+        return self
 
     def _batchable(self) -> bool:
         return True
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "posterior_"):
-            raise RuntimeError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
+    _FITTED_ATTRIBUTE = "posterior_"
+
+    def _portable_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The fit state ``_state`` without its network functions: a
+        :class:`pcbtl.networks.TransferParametrization` (alone, or as ``"tp"`` of a dict
+        that holds its ``"source"``) becomes a :class:`_PortableParametrization`."""
+        fit_state = state.get("_state")
+        if isinstance(fit_state, TransferParametrization):
+            state["_state"] = _portable_parametrization(fit_state, state["_architecture"])
+        elif isinstance(fit_state, dict) and isinstance(
+            fit_state.get("tp"), TransferParametrization
+        ):
+            arch = _architecture(fit_state["source"])
+            state["_state"] = {**fit_state, "tp": _portable_parametrization(fit_state["tp"], arch)}
+        return super()._portable_state(state)
+
+    def _restore_state(self) -> None:
+        fit_state = getattr(self, "_state", None)
+        if isinstance(fit_state, _PortableParametrization):
+            self._state = _live_parametrization(fit_state)
+        elif isinstance(fit_state, dict) and isinstance(
+            fit_state.get("tp"), _PortableParametrization
+        ):
+            self._state = {**fit_state, "tp": _live_parametrization(fit_state["tp"])}
 
     def _posterior_means_from(self, posterior: Posterior, X: np.ndarray, state: Any) -> np.ndarray:
         """Draws of the mean function at ``X``, shape ``(S, n)``, for a posterior and fit state."""
@@ -249,8 +408,7 @@ class PosteriorRegressor:
         return loc + scale * self._internal_means(X)
 
     def _internal_means(self, X: Any) -> np.ndarray:
-        self._check_fitted()
-        X = check_X(X, "X", n_features=self.n_features_in_)
+        X = self._check_input(X)
         return np.asarray(self._posterior_means(X), np.float64)
 
     @property
@@ -555,7 +713,6 @@ class PCTransferRegressor(PosteriorRegressor):
         self.parametrization = parametrization
         self.thin = thin
         self.init_steps = init_steps
-        self._check_params()
 
     # ---- set-up ------------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -721,12 +878,19 @@ class PCTransferRegressor(PosteriorRegressor):
 
         NUTS runs ``num_chains`` chains in one compiled job
         (:func:`pcbtl.inference.run_nuts_batched`); SVI fits its guide. Nothing is stored on
-        the estimator unless the whole fit succeeds.
+        the estimator unless the whole fit succeeds. The parameters are checked here (a
+        ``ValueError`` naming the first bad one). Returns ``self``.
         """
         if self._inference() == "nuts":
-            return self._fit_nuts(X, y)
-        if self._inference() == "mclmc":
-            return self._fit_mclmc(X, y)
+            self._fit_nuts(X, y)
+        elif self._inference() == "mclmc":
+            self._fit_mclmc(X, y)
+        else:
+            self._fit_svi(X, y)
+        self._record_features(X)
+        return self
+
+    def _fit_svi(self, X: Any, y: Any) -> PCTransferRegressor:
         self._check_params()
         X, y = check_Xy(X, y, n_features=self.source.n_features, min_rows=2)
         t0 = time.perf_counter()
@@ -1241,6 +1405,11 @@ class BayesianNetworkRegressor(PosteriorRegressor):
         idata = self._finish(posterior, X, y, tp, affine=affine)
         self.y_affine_ = affine
         self._state = tp
+        self._architecture = (
+            _architecture(self.source)
+            if self.source is not None
+            else (tuple(int(h) for h in self.hidden), str(self.activation), int(X.shape[1]))
+        )
         self.posterior_ = posterior
         self.idata_ = idata
         self.n_features_in_ = X.shape[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn.exceptions import NotFittedError
 from scipy.stats import norm, truncnorm
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
@@ -86,7 +87,7 @@ def test_hurdle_rejects_bad_targets(source):
     with pytest.raises(ValueError, match="point"):
         pcbtl.HurdleRegressor(reg, point="mode").fit(X, y)
     assert not hasattr(model, "regressor_")
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         model.predict(X)
 
 

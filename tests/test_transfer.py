@@ -7,6 +7,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn.exceptions import NotFittedError
 
 import pcbtl
 from pcbtl.inference import idata_group, idata_groups
@@ -96,7 +97,7 @@ def test_bad_fit_input_raises_and_leaves_nothing_half_fitted(task, source, make_
     with pytest.raises(ValueError, match=match):
         model.fit(*make_args(task))
     assert [k for k in vars(model) if k.endswith("_")] == []
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         model.predict(task.X_test)
 
 
