@@ -1,8 +1,9 @@
 r"""Transfer-learning methods side by side, behind one estimator interface.
 
-Every method is an sklearn-style regressor with ``fit(X, y)`` (returns ``self``),
-``predict(X, return_std=True)`` (predictive mean and sd) and ``predict_interval(X, level=0.95)``
-(``(lower, upper)``). :func:`methods` lists them by name and :func:`make_method` builds one from a
+Every method is a scikit-learn regressor (:class:`pcbtl.transfer.RegressorBase`: ``clone``,
+``Pipeline``, ``GridSearchCV`` and pickling work; parameters are checked in ``fit``) with
+``fit(X, y)`` (returns ``self``), ``predict(X, return_std=True)`` (predictive mean and sd),
+``predict_interval(X, level=0.95)`` (``(lower, upper)``) and ``score(X, y)`` (``R²``). :func:`methods` lists them by name and :func:`make_method` builds one from a
 trained :class:`pcbtl.SourceModel`:
 
 ==========================  ===================================================================

@@ -564,6 +564,11 @@ class PCTransferRegressor(PosteriorRegressor):
     ``λ = −log(alpha)/U`` so that ``P(d > U) = alpha`` (Abba, Williams & Reich 2023;
     Simpson et al. 2017). ``σ ~ HalfNormal(sigma_scale)``.
 
+    A scikit-learn regressor (:class:`RegressorBase`): the parameters below are stored as given
+    and checked by ``fit`` (a ``ValueError`` naming the argument), so ``clone``, ``Pipeline``,
+    ``cross_validate`` and ``GridSearchCV`` (say over ``U``) work, ``score`` is ``R²`` of the
+    predictive mean, and a fitted model pickles.
+
     Parameters
     ----------
     source:

@@ -41,16 +41,11 @@ import numpy as np
 from numpyro.infer import init_to_uniform
 from numpyro.infer.util import initialize_model
 
+from pcbtl._validation import check_integer
 from pcbtl.inference.posterior import Posterior
 from pcbtl.interweave import Interweave, conditional_potentials, interweave_scale
 
 __all__ = ["run_mclmc"]
-
-
-def _check_int(value: Any, name: str, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    return int(value)
 
 
 def run_mclmc(
@@ -115,11 +110,11 @@ def run_mclmc(
     import blackjax
     import optax
 
-    num_warmup = _check_int(num_warmup, "num_warmup", 10)
-    num_samples = _check_int(num_samples, "num_samples", 1)
-    thin = _check_int(thin, "thin", 1)
-    num_chains = _check_int(num_chains, "num_chains", 1)
-    init_steps = _check_int(init_steps, "init_steps", 0)
+    num_warmup = check_integer(num_warmup, "num_warmup", minimum=10)
+    num_samples = check_integer(num_samples, "num_samples", minimum=1)
+    thin = check_integer(thin, "thin", minimum=1)
+    num_chains = check_integer(num_chains, "num_chains", minimum=1)
+    init_steps = check_integer(init_steps, "init_steps", minimum=0)
     for name, value in (
         ("init_learning_rate", init_learning_rate),
         ("init_jitter", init_jitter),
