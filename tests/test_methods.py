@@ -8,6 +8,7 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
+from tiny_methods import tiny_options
 
 import pcbtl
 from pcbtl.inference import idata_group
@@ -38,21 +39,7 @@ EXPECTED = [
 NUTS = {"num_warmup": 40, "num_samples": 40, "num_chains": 2}
 # tiny fits: the interface is under test here, not the statistics (their sampler warnings, of
 # divergences after 40 warm-up steps, are silenced where they are used)
-OPTIONS = {
-    "source-only": {},
-    "target-only": {**NUTS, "hidden": (4,)},
-    "fine-tuning": {"max_steps": 200, "patience": 50},
-    "pretrained-gaussian": NUTS,
-    "bayes-last-layer": NUTS,
-    "pc-last-layer": NUTS,
-    "pc-scale": {**NUTS, "max_reference": 300, "n_eps": 8, "n_tau": 16},
-    "multitask-bnn": {**NUTS, "hidden": (4,), "max_source_rows": 100},
-    "multitask-rf": {"n_estimators": 30, "max_source_rows": 300},
-    "difference-bnn": {**NUTS, "hidden": (4,)},
-    "difference-rf": {"n_estimators": 30},
-    "latent-bnn": {**NUTS, "hidden": (4,)},
-    "latent-rf": {"n_estimators": 30},
-}
+OPTIONS = tiny_options(NUTS)
 
 
 def _seeded(name, seed):

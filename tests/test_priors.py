@@ -478,5 +478,5 @@ def test_nuts_with_the_U_hyperprior_keeps_rate_times_distance_exponential(source
     kwargs = reg._model_kwargs(reg._setup(None))
     draws = _nuts_prior(pcbtl.models.last_layer_pc_model, num_samples=2000, thin=2, **kwargs)
     assert stats.kstest(draws["distance"] * draws["rate"], "expon").pvalue > KS_LEVEL
-    with pytest.raises(ValueError, match="U_log_sd"):
-        pcbtl.PCTransferRegressor(source, U_log_sd=-1.0)
+    with pytest.raises(ValueError, match="U_log_sd"):  # checked at use, as scikit-learn wants
+        pcbtl.PCTransferRegressor(source, U_log_sd=-1.0).prior_distance_samples(10)

@@ -1,0 +1,24 @@
+"""Tiny per-method settings for tests of the estimator interface (not of the statistics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def tiny_options(nuts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Options of every ``pcbtl.methods()`` name for a fit of seconds, ``nuts`` the NUTS draws."""
+    return {
+        "source-only": {},
+        "target-only": {**nuts, "hidden": (4,)},
+        "fine-tuning": {"max_steps": 200, "patience": 50},
+        "pretrained-gaussian": nuts,
+        "bayes-last-layer": nuts,
+        "pc-last-layer": nuts,
+        "pc-scale": {**nuts, "max_reference": 300, "n_eps": 8, "n_tau": 16},
+        "multitask-bnn": {**nuts, "hidden": (4,), "max_source_rows": 100},
+        "multitask-rf": {"n_estimators": 30, "max_source_rows": 300},
+        "difference-bnn": {**nuts, "hidden": (4,)},
+        "difference-rf": {"n_estimators": 30},
+        "latent-bnn": {**nuts, "hidden": (4,)},
+        "latent-rf": {"n_estimators": 30},
+    }
