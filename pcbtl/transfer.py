@@ -34,7 +34,13 @@ from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import validate_data
 
-from pcbtl._validation import check_positive, check_probability, check_X, check_Xy
+from pcbtl._validation import (
+    check_integer,
+    check_positive,
+    check_probability,
+    check_X,
+    check_Xy,
+)
 from pcbtl.inference import (
     MCMC_METHODS,
     BatchPlan,
@@ -727,10 +733,8 @@ class PCTransferRegressor(PosteriorRegressor):
         _check_choice(self.prior, PRIORS, "prior")
         _check_choice(self.inference, INFERENCES, "inference")
         _check_choice(self.parametrization, PARAMETRIZATIONS, "parametrization")
-        for name, least in (("thin", 1), ("init_steps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        check_integer(self.thin, "thin", minimum=1)
+        check_integer(self.init_steps, "init_steps", minimum=0)
         if isinstance(self.max_tree_depth, bool) or not isinstance(self.max_tree_depth, int):
             raise ValueError(f"max_tree_depth must be an int, got {self.max_tree_depth!r}")
         if not 1 <= self.max_tree_depth <= 15:
@@ -751,9 +755,6 @@ class PCTransferRegressor(PosteriorRegressor):
         if self.scale not in ("fan_in", "unit"):
             raise ValueError(f"scale must be 'fan_in' or 'unit', got {self.scale!r}")
 
-    def _inference(self) -> str:
-        return self.inference
-
     def _parametrization(self) -> str:
         """``parametrization`` with ``"auto"`` resolved: centred under MCLMC, non-centred
         otherwise. Measured on the band-gap task (``benchmarks/README.md``): non-centred MCLMC
@@ -762,7 +763,7 @@ class PCTransferRegressor(PosteriorRegressor):
         is drawn into it); centred ones did not."""
         if self.parametrization != "auto":
             return self.parametrization
-        return "centred" if self._inference() == "mclmc" else "noncentred"
+        return "centred" if self.inference == "mclmc" else "noncentred"
 
     def _layers_arg(self) -> Any:
         return "all" if self.transfer_layers is None else self.transfer_layers
@@ -886,9 +887,9 @@ class PCTransferRegressor(PosteriorRegressor):
         the estimator unless the whole fit succeeds. The parameters are checked here (a
         ``ValueError`` naming the first bad one). Returns ``self``.
         """
-        if self._inference() == "nuts":
+        if self.inference == "nuts":
             self._fit_nuts(X, y)
-        elif self._inference() == "mclmc":
+        elif self.inference == "mclmc":
             self._fit_mclmc(X, y)
         else:
             self._fit_svi(X, y)
@@ -924,6 +925,16 @@ class PCTransferRegressor(PosteriorRegressor):
             return Interweave()
         return None
 
+    def _grid_reach(self, posterior: Posterior, setup: dict[str, Any]) -> float:
+        """For the scale prior, when more than 5 % of the ``τ`` draws ran past the grid of
+        ``r(τ)``: the reach of the extended grid, 1.5 times the largest draw; else 0."""
+        if self.prior != "scale":
+            return 0.0
+        tau = posterior.flat("tau")
+        if np.mean(tau > float(setup["curve"].tau[-1])) > 0.05:
+            return 1.5 * float(np.max(tau))
+        return 0.0
+
     def _fit_nuts(self, X: Any, y: Any) -> PCTransferRegressor:
         """Plan, sample, complete; for the scale prior, when more than 5 % of the ``τ`` draws
         ran past the grid of ``r(τ)``, the grid is extended to 1.5 times the largest draw and
@@ -932,12 +943,10 @@ class PCTransferRegressor(PosteriorRegressor):
         t0 = time.perf_counter()
         plan = self._batch_plan(X, y)
         posterior = run_plans([plan], progress_bar=bool(self.progress_bar))[0]
-        if self.prior == "scale":
-            tau = posterior.flat("tau")
-            grid_end = float(plan.complete.keywords["setup"]["curve"].tau[-1])
-            if np.mean(tau > grid_end) > 0.05:
-                plan = self._batch_plan(X, y, tau_reach=1.5 * float(np.max(tau)))
-                posterior = run_plans([plan], progress_bar=bool(self.progress_bar))[0]
+        reach = self._grid_reach(posterior, plan.complete.keywords["setup"])
+        if reach:
+            plan = self._batch_plan(X, y, tau_reach=reach)
+            posterior = run_plans([plan], progress_bar=bool(self.progress_bar))[0]
         return plan.complete(posterior, seconds=time.perf_counter() - t0)
 
     def _batch_plan(self, X: Any, y: Any, tau_reach: float = 0.0) -> BatchPlan:
@@ -957,7 +966,7 @@ class PCTransferRegressor(PosteriorRegressor):
         )
 
     def _batchable(self) -> bool:
-        return self._inference() == "nuts"
+        return self.inference == "nuts"
 
     #: how many times chains that fell into the spike at ``τ → 0`` are replaced (MCLMC)
     MAX_RESTARTS = 2
@@ -1014,10 +1023,9 @@ class PCTransferRegressor(PosteriorRegressor):
             return setup, posterior
 
         setup, posterior = sample(0.0)
-        if self.prior == "scale":
-            tau = posterior.flat("tau")
-            if np.mean(tau > float(setup["curve"].tau[-1])) > 0.05:
-                setup, posterior = sample(1.5 * float(np.max(tau)))
+        reach = self._grid_reach(posterior, setup)
+        if reach:
+            setup, posterior = sample(reach)
         return self._complete(posterior, X, y, setup, time.perf_counter() - t0)
 
     def _complete(self, posterior: Posterior, X, y, setup, seconds: float) -> PCTransferRegressor:
