@@ -150,17 +150,19 @@ def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None)
     def pc(prior: str) -> PCTransferRegressor:
         if prior == "scale":
             return PCTransferRegressor(source, prior=prior, seed=config.seed, **scale_opts, **quiet)
+        if prior == "tangent":
+            return PCTransferRegressor(
+                source, prior=prior, transfer_layers=config.scale_layers, **sampler, **quiet
+            )
         return PCTransferRegressor(source, prior=prior, **sampler, **quiet)
+
+    hurdles = {f"hurdle-pc-{p.replace('_', '-')}": p for p in ("last_layer", "scale", "tangent")}
 
     factories: dict[str, Callable[[], Any]] = {}
     for name in config.methods:
-        if name == "hurdle-pc-last-layer":
-            factories[name] = lambda: HurdleRegressor(
-                pc("last_layer"), classifier_features=_metal_features(source)
-            )
-        elif name == "hurdle-pc-scale":
-            factories[name] = lambda: HurdleRegressor(
-                pc("scale"), classifier_features=_metal_features(source)
+        if name in hurdles:
+            factories[name] = lambda prior=hurdles[name]: HurdleRegressor(
+                pc(prior), classifier_features=_metal_features(source)
             )
         elif name in METHODS:
             opts: dict[str, Any] = {}
@@ -172,11 +174,13 @@ def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None)
                 opts.update(source_X=source_X, source_y=source_y)
             if name == "pc-scale":
                 opts.update(scale_opts)
+            if name == "pc-tangent":
+                opts.update(transfer_layers=config.scale_layers)
             factories[name] = lambda name=name, opts=opts: make_method(name, source, **opts)
         else:
             raise ValueError(
                 f"methods: unknown method {name!r}; choose from "
-                f"{list(METHODS) + ['hurdle-pc-last-layer', 'hurdle-pc-scale']}"
+                f"{list(METHODS) + list(hurdles)}"
             )
     return factories
 

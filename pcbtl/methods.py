@@ -1023,7 +1023,7 @@ _NUTS_KEYS = ("num_warmup", "num_samples", "seed", "progress_bar")
 
 def _pc(prior):
     def build(source, **options):
-        if prior == "scale":
+        if prior in ("scale", "tangent"):
             options.setdefault("transfer_layers", "all")
         options.setdefault("progress_bar", False)
         return PCTransferRegressor(_check_source(source), prior=prior, **options)
@@ -1066,6 +1066,10 @@ METHODS: dict[str, MethodInfo] = {
     ),
     "pc-last-layer": MethodInfo(_pc("last_layer"), "PC prior on the KL distance, last layer"),
     "pc-scale": MethodInfo(_pc("scale"), "PC prior on the KL distance, scale over all layers"),
+    "pc-tangent": MethodInfo(
+        _pc("tangent"),
+        "PC prior on the KL distance, scale over all layers of the network linearised at θ_S",
+    ),
 }
 for _arch, _cls in (
     ("multitask", MultiTaskRegressor),

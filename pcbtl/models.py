@@ -28,6 +28,7 @@ from pcbtl.priors import (
     distance_curve_value,
     last_layer_pc_offset,
 )
+from pcbtl.tangent import TangentStats, tangent_loglik
 
 __all__ = [
     "LastLayerStats",
@@ -36,6 +37,7 @@ __all__ = [
     "gaussian_loglik_rows",
     "last_layer_pc_model",
     "scale_pc_model",
+    "tangent_pc_model",
     "bnn_model",
 ]
 
@@ -197,6 +199,34 @@ def scale_pc_model(
     numpyro.deterministic("distance", distance_curve_value(curve, tau) / sigma)
     if X is not None and y is not None:
         numpyro.sample("y", dist.Normal(predict_fn(theta, X), sigma), obs=y)
+
+
+def tangent_pc_model(
+    kappa: float,
+    rate: float,
+    sigma_scale: float,
+    stats: TangentStats | None = None,
+    rate_log_sd: float | None = None,
+) -> None:
+    r"""Scale PC model on the network linearised at the source, ``ε`` integrated out
+    (:mod:`pcbtl.tangent`).
+
+        σ ~ HalfNormal(sigma_scale),   τ | σ ~ Exp(λκ/σ)  ⇔  d = κτ/σ ~ Exp(λ),
+        u = y − g_S(X) ~ N(0, σ² I + τ² J_s J_sᵀ)
+
+    ``kappa`` is ``κ = sqrt(mean_x̃ ‖J_s(x̃)‖²)`` over the reference inputs
+    (:func:`pcbtl.tangent.tangent_kappa`), so that ``r(τ) = κτ`` exactly; ``stats`` the
+    eigen-statistics of ``J_s(X)`` and the residuals (:func:`pcbtl.tangent.tangent_stats`;
+    ``None``: prior only); ``rate_log_sd`` as in :func:`last_layer_pc_model`.
+    Sites: ``sigma``, ``tau``, ``distance``. The weights' ``ε`` is drawn afterwards from its
+    exact Gaussian conditional (:func:`pcbtl.tangent.tangent_conditional_eps`).
+    """
+    sigma = _sigma(sigma_scale)
+    rate = _rate(rate, rate_log_sd)
+    tau = numpyro.sample("tau", dist.Exponential(rate * kappa / sigma))
+    numpyro.deterministic("distance", kappa * tau / sigma)
+    if stats is not None:
+        numpyro.factor("loglik", tangent_loglik(tau, sigma, stats))
 
 
 def bnn_model(

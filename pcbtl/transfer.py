@@ -61,6 +61,7 @@ from pcbtl.models import (
     last_layer_pc_model,
     last_layer_sufficient_stats,
     scale_pc_model,
+    tangent_pc_model,
 )
 from pcbtl.networks import (
     MLP,
@@ -81,6 +82,13 @@ from pcbtl.priors import (
     distance_curve_value,
     pc_rate,
     reference_gram,
+)
+from pcbtl.tangent import (
+    tangent_conditional_eps,
+    tangent_jacobian,
+    tangent_kappa,
+    tangent_means,
+    tangent_stats,
 )
 
 __all__ = [
@@ -118,7 +126,7 @@ def sampler_health(est: Any) -> dict[str, float]:
     return out
 
 
-PRIORS = ("last_layer", "scale")
+PRIORS = ("last_layer", "scale", "tangent")
 INFERENCES = ("nuts", "mclmc", "svi")
 PARAMETRIZATIONS = ("auto", "noncentred", "centred", "interweaved")
 
@@ -582,9 +590,15 @@ class PCTransferRegressor(PosteriorRegressor):
     prior:
         ``"last_layer"`` — body frozen, head ``β`` with the exact sphere prior (DESIGN.md §2 a);
         ``"scale"`` — ``θ = θ_S + τ s⊙ε`` on ``transfer_layers`` with the prior on ``τ`` through
-        the Monte Carlo distance curve ``r(τ)`` (DESIGN.md §2 b).
+        the Monte Carlo distance curve ``r(τ)`` (DESIGN.md §2 b);
+        ``"tangent"`` — the same construction on the network linearised at ``θ_S``,
+        ``g(x) = g_S(x) + τ J_s(x) ε`` (:mod:`pcbtl.tangent`): ``r(τ) = κτ`` exactly, ``ε`` is
+        integrated out, the sampler sees only ``(σ, τ)`` and ``ε`` is drawn exactly from its
+        Gaussian conditional afterwards. It mixes where the deep scale posterior does not
+        (measured on the band gaps, ``benchmarks/README.md``), at the price of a model that
+        moves from the source only along its tangent space.
     transfer_layers:
-        For ``prior="scale"``: ``"all"`` (default), ``"last"``, an int ``k`` (last ``k`` layers)
+        For ``prior="scale"`` or ``"tangent"``: ``"all"`` (default), ``"last"``, an int ``k`` (last ``k`` layers)
         or layer names (``hidden_0``, ..., ``output``). Must be ``None``/``"last"`` for
         ``"last_layer"``.
     U, alpha:
@@ -625,6 +639,8 @@ class PCTransferRegressor(PosteriorRegressor):
         reports (largest ``se(r)/r`` over the grid): measured on a 16-16 test network, the
         former default of 32 draws left ``r`` 5–15 % off, enough for a Kolmogorov–Smirnov
         test of ``d ~ Exp(λ)`` to reject; 128 (default) halves that, 256 gives about 2 %.
+        ``prior="tangent"`` uses ``max_reference`` (the rows ``κ`` averages over) and
+        ``scale``; it needs no Monte Carlo.
     parametrization:
         Scale prior only. ``"noncentred"`` (default) samples ``ε`` with ``θ = θ_S + τ s⊙ε``:
         best when the target data are few and the posterior stays near the prior. ``"centred"``
@@ -660,6 +676,8 @@ class PCTransferRegressor(PosteriorRegressor):
       ``(ε, y)``), so it is the RMS shift a *typical* ``ε`` at that ``τ`` would give, not the
       shift of the drawn network; with data, ``ε`` moves to where the data want it and the two
       differ.
+    * ``prior="tangent"``: ``d = κτ/σ``, exactly the ``ε``-averaged RMS shift of the linearised
+      mean function over the reference inputs (``κ`` is ``kappa_``).
 
     ``shift_`` gives, for both, the realised ``RMS_{x̃}(g_θ(x̃) − g_S(x̃))/σ`` of each draw over a
     subsample of ``N_DIAGNOSTIC_INPUTS`` reference inputs. ``prior_conflict_`` compares the
@@ -812,6 +830,19 @@ class PCTransferRegressor(PosteriorRegressor):
                 ridge=gram.ridge,
                 Phi_ref=Phi_ref,
             )
+        elif self.prior == "tangent":
+            tp = transfer_parametrization(src, self._layers_arg(), scale=self.scale)
+            Xref_c = _subsample(Xref, int(self.max_reference), self.seed)
+            kappa = tangent_kappa(tp.predict_fn, tp.theta_source, tp.scales, Xref_c)
+            if not (np.isfinite(kappa) and kappa > 0):
+                raise ValueError(
+                    "the source network's output does not depend on the transfer layers at the "
+                    f"reference inputs (kappa = {kappa}); choose other transfer_layers"
+                )
+            setup.update(tp=tp, kappa=kappa, curve_reference_size=int(Xref_c.shape[0]))
+            if X is not None and y is not None:
+                J = tangent_jacobian(tp.predict_fn, tp.theta_source, tp.scales, X)
+                setup["stats"] = tangent_stats(J, y - src.predict(X))
         else:
             tp = transfer_parametrization(src, self._layers_arg(), scale=self.scale)
             rng = np.random.default_rng(self.seed)
@@ -859,6 +890,14 @@ class PCTransferRegressor(PosteriorRegressor):
                 )
             return dict(
                 beta_source=setup["beta_source"], chol_G=setup["chol_G"], stats=stats, **common
+            )
+        if self.prior == "tangent":
+            stats = setup.get("stats") if X is not None else None
+            return dict(
+                kappa=float(setup["kappa"]),
+                # the basis V is for the draws of ε after sampling, not for the sampler
+                stats=None if stats is None else stats._replace(basis=None),
+                **common,
             )
         tp = setup["tp"]
         predict_fn, inputs = tp.predict_fn, None if X is None else jnp.asarray(X, jnp.float32)
@@ -916,6 +955,8 @@ class PCTransferRegressor(PosteriorRegressor):
     def _model(self) -> Callable[..., None]:
         if self.prior == "last_layer":
             return last_layer_pc_model
+        if self.prior == "tangent":
+            return tangent_pc_model
         return (
             scale_pc_model if self._parametrization() == "noncentred" else _scale_pc_model_centred
         )
@@ -1036,6 +1077,10 @@ class PCTransferRegressor(PosteriorRegressor):
         beyond = 0.0
         if self.prior == "scale":
             beyond = _warn_beyond_curve(posterior.flat("tau"), setup["curve"])
+        if self.prior == "tangent" and "eps" not in posterior.samples:
+            posterior = _with_tangent_eps(posterior, setup["stats"], self.seed)
+            # the basis (D × k) served the draws of ε; the fitted model does not need it
+            setup = {**setup, "stats": None}
         conflict = _prior_conflict(
             posterior.flat("distance"), setup["rate"], self.U_log_sd, stacklevel=5
         )
@@ -1047,7 +1092,7 @@ class PCTransferRegressor(PosteriorRegressor):
             X,
             y,
             setup,
-            drop=("eps", "theta") if self.prior == "scale" else (),
+            drop=("eps", "theta") if self.prior != "last_layer" else (),
             attrs={"pcbtl_prior": self.prior, "U": float(self.U), "alpha": float(self.alpha)},
             affine=setup["affine"],
             diagnostic_means=means,
@@ -1067,6 +1112,9 @@ class PCTransferRegressor(PosteriorRegressor):
         self.prior_conflict_ = conflict
         if self.prior == "last_layer":
             self.ridge_ = setup["ridge"]
+        elif self.prior == "tangent":
+            self.kappa_ = float(setup["kappa"])
+            self.transfer_layers_ = setup["tp"].layers
         else:
             self.curve_ = setup["curve"]
             self.curve_rel_se_ = setup["curve_rel_se"]
@@ -1086,6 +1134,15 @@ class PCTransferRegressor(PosteriorRegressor):
             Phi = _with_bias(setup["source"].features(X))
             return (Phi @ posterior.flat("beta").T.astype(np.float64)).T
         tp = setup["tp"]
+        if self.prior == "tangent":
+            return tangent_means(
+                tp.predict_fn,
+                tp.theta_source,
+                tp.scales,
+                posterior.flat("tau"),
+                posterior.flat("eps"),
+                X,
+            )
         if "theta" in posterior.samples:
             thetas = jnp.asarray(posterior.flat("theta"))
         else:
@@ -1130,9 +1187,23 @@ class PCTransferRegressor(PosteriorRegressor):
             delta = beta - np.asarray(setup["beta_source"], np.float64)
             sq = np.mean((Phi_ref @ delta.T) ** 2, axis=0) + setup["ridge"] * np.sum(delta**2, 1)
             return np.sqrt(sq) / np.asarray(sigma, np.float64)
+        if self.prior == "tangent":
+            # τ | σ ~ Exp(λκ/σ), so d = κτ/σ
+            e = jax.random.exponential(k_theta, (int(n),))
+            return np.asarray(e / rate, np.float64)
         prior = ScalePC(setup["curve"], sigma, rate)
         tau = prior.sample(k_theta)
         return np.asarray(distance_curve_value(setup["curve"], tau) / sigma)
+
+
+def _with_tangent_eps(posterior: Posterior, stats, seed: int) -> Posterior:
+    """``posterior`` with one exact conditional draw of ``ε`` per draw of ``(τ, σ)``
+    (:func:`pcbtl.tangent.tangent_conditional_eps`), as site ``eps`` of shape
+    ``(chain, draw, D)``."""
+    chains, draws = posterior.samples["tau"].shape[:2]
+    eps = tangent_conditional_eps(posterior.flat("tau"), posterior.flat("sigma"), stats, seed)
+    samples = {**posterior.samples, "eps": eps.reshape(chains, draws, -1)}
+    return dataclasses.replace(posterior, samples=samples)
 
 
 def _collapsed_chains(posterior: Posterior, site: str = "tau", share: float = 0.05) -> list[int]:

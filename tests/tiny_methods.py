@@ -15,6 +15,7 @@ def tiny_options(nuts: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "bayes-last-layer": nuts,
         "pc-last-layer": nuts,
         "pc-scale": {**nuts, "max_reference": 300, "n_eps": 8, "n_tau": 16},
+        "pc-tangent": {**nuts, "max_reference": 300},
         "multitask-bnn": {**nuts, "hidden": (4,), "max_source_rows": 100},
         "multitask-rf": {"n_estimators": 30, "max_source_rows": 300},
         "difference-bnn": {**nuts, "hidden": (4,)},
