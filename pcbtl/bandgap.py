@@ -179,8 +179,7 @@ def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None)
             factories[name] = lambda name=name, opts=opts: make_method(name, source, **opts)
         else:
             raise ValueError(
-                f"methods: unknown method {name!r}; choose from "
-                f"{list(METHODS) + list(hurdles)}"
+                f"methods: unknown method {name!r}; choose from {list(METHODS) + list(hurdles)}"
             )
     return factories
 
