@@ -46,6 +46,8 @@ SAMPLER_OPTIONS = {
     "mclmc": dict(inference="mclmc"),
     "mclmc-8x": dict(inference="mclmc", num_chains=8),
     "mclmc-long": dict(inference="mclmc", thin=80),
+    # the scale prior on the network linearised at the source: NUTS over (σ, τ), ε exact
+    "tangent": dict(prior="tangent", inference="nuts"),
 }
 
 
@@ -61,13 +63,14 @@ def fit_one(source, X, y, Xte, yte, sampler: str, seed: int) -> tuple[dict, np.n
     from pcbtl.hurdle import HurdleRegressor
     from pcbtl.transfer import PCTransferRegressor
 
+    options = dict(SAMPLER_OPTIONS[sampler])
     reg = PCTransferRegressor(
         source,
-        prior="scale",
+        prior=options.pop("prior", "scale"),
         transfer_layers=2,
         seed=seed,
         progress_bar=False,
-        **SAMPLER_OPTIONS[sampler],
+        **options,
     )
     model = HurdleRegressor(reg, classifier_features=_metal_features(source))
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -92,6 +92,14 @@ def check_integer(value: Any, name: str, *, minimum: int | None = None) -> int:
         qualifier = {0: "a non-negative", 1: "a positive"}.get(minimum, f"an >= {minimum}")
         raise ValueError(f"{name} must be {qualifier} integer, got {v}")
     return int(v)
+
+
+def check_hidden(hidden: Any) -> tuple[int, ...]:
+    """Return the hidden-layer widths ``hidden`` as a tuple of positive ints, or raise
+    ``ValueError`` naming the bad entry (a width of 0 made a network with no units)."""
+    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence | np.ndarray):
+        raise ValueError(f"hidden must be a sequence of layer widths, got {hidden!r}")
+    return tuple(check_integer(h, f"hidden[{i}]", minimum=1) for i, h in enumerate(hidden))
 
 
 def check_nonnegative(value: Any, name: str) -> float:

@@ -52,7 +52,14 @@ import optax
 from numpyro.infer import init_to_median, init_to_sample
 from scipy.stats import norm
 
-from pcbtl._validation import check_positive, check_probability, check_X, check_Xy, check_y
+from pcbtl._validation import (
+    check_hidden,
+    check_positive,
+    check_probability,
+    check_X,
+    check_Xy,
+    check_y,
+)
 from pcbtl.inference import (
     BatchPlan,
     Posterior,
@@ -146,7 +153,8 @@ class GaussianPredictive(RegressorBase):
 
 def _fresh_network(X: np.ndarray, y: np.ndarray, hidden, activation: str, seed: int):
     """An untrained :class:`SourceModel` shell (LeCun init) with scalings from ``(X, y)``."""
-    module = MLP(hidden=tuple(int(h) for h in hidden), activation=activation)
+    hidden = check_hidden(hidden)
+    module = MLP(hidden=hidden, activation=activation)
     params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, X.shape[1])))["params"]
     xs = X.std(0)
     ys = float(y.std()) or 1.0

@@ -33,6 +33,7 @@ from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
 from pcbtl._validation import (
+    check_hidden,
     check_integer,
     check_nonnegative,
     check_positive,
@@ -559,11 +560,6 @@ def train_source(
     except TypeError:
         n_rows = 0
 
-    def check_hidden() -> tuple[int, ...]:
-        if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence | np.ndarray):
-            raise ValueError(f"hidden must be a sequence of layer widths, got {hidden!r}")
-        return tuple(check_integer(h, f"hidden[{i}]", minimum=1) for i, h in enumerate(hidden))
-
     def check_activation() -> str:
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
@@ -598,7 +594,7 @@ def train_source(
 
     checked, problems = collect_errors(
         lambda: check_Xy(X, y, min_rows=10),
-        check_hidden,
+        lambda: check_hidden(hidden),
         check_activation,
         check_learning_rate,
         lambda: check_nonnegative(weight_decay, "weight_decay"),

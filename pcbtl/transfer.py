@@ -35,6 +35,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import validate_data
 
 from pcbtl._validation import (
+    check_hidden,
     check_integer,
     check_positive,
     check_probability,
@@ -753,6 +754,10 @@ class PCTransferRegressor(PosteriorRegressor):
         _check_choice(self.parametrization, PARAMETRIZATIONS, "parametrization")
         check_integer(self.thin, "thin", minimum=1)
         check_integer(self.init_steps, "init_steps", minimum=0)
+        # the Monte Carlo r(τ) needs ε draws, reference rows and a grid of at least two points
+        check_integer(self.n_eps, "n_eps", minimum=1)
+        check_integer(self.max_reference, "max_reference", minimum=1)
+        check_integer(self.n_tau, "n_tau", minimum=2)
         if isinstance(self.max_tree_depth, bool) or not isinstance(self.max_tree_depth, int):
             raise ValueError(f"max_tree_depth must be an int, got {self.max_tree_depth!r}")
         if not 1 <= self.max_tree_depth <= 15:
@@ -1420,11 +1425,12 @@ class BayesianNetworkRegressor(PosteriorRegressor):
     def _network(self, X: np.ndarray, y: np.ndarray) -> SourceModel:
         if self.source is not None:
             return self.source
-        module = MLP(hidden=tuple(self.hidden), activation=self.activation)
+        hidden = check_hidden(self.hidden)
+        module = MLP(hidden=hidden, activation=self.activation)
         params = module.init(jax.random.PRNGKey(self.seed), jnp.zeros((1, X.shape[1])))["params"]
         xs = X.std(0)
         return SourceModel(
-            hidden=tuple(self.hidden),
+            hidden=hidden,
             activation=self.activation,
             params=jax.device_get(params),
             x_mean=X.mean(0).astype(np.float32),

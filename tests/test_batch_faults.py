@@ -314,3 +314,17 @@ def test_dry_run_lists_every_setting_of_each_group_and_progress_counts_groups(tm
     batch.run_job(cfg, progress=True)
     err = capsys.readouterr().err
     assert "2/2 [" in err and "group" in err and "2/2 fits" in err, err
+
+
+# ---- row 19: degenerate estimator settings are refused at fit, naming the argument ----------
+
+
+@pytest.mark.parametrize("method", ["target-only", "latent-bnn", "difference-bnn"])
+def test_a_network_of_width_zero_is_refused_by_name(task, source, method):
+    # hidden=(0,) made a network with no units: ZeroDivisionError deep in the initialisation
+    import pcbtl
+
+    est = pcbtl.make_method(method, source, hidden=(0,), num_warmup=5, num_samples=5)
+    with pytest.raises(ValueError, match=r"hidden\[0\] must be a positive integer, got 0"):
+        est.fit(task.X_target, task.y_target)
+    assert not hasattr(est, "posterior_")

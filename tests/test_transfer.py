@@ -116,6 +116,11 @@ def test_bad_fit_input_raises_and_leaves_nothing_half_fitted(task, source, make_
         ({"max_tree_depth": 0}, "max_tree_depth must"),
         ({"max_tree_depth": 8.5}, "max_tree_depth must"),
         ({"reference_X": np.ones((5, 7))}, "reference_X has 7 features"),
+        # degenerate Monte Carlo settings of r(τ): ZeroDivisionError / IndexError before
+        ({"prior": "scale", "n_eps": 0}, "n_eps must be a positive integer"),
+        ({"prior": "scale", "max_reference": 0}, "max_reference must be a positive integer"),
+        ({"prior": "scale", "n_tau": 1}, "n_tau must be an >= 2 integer"),
+        ({"prior": "tangent", "max_reference": 0}, "max_reference must be a positive integer"),
     ],
 )
 def test_bad_arguments_name_the_argument(task, source, kwargs, match):
