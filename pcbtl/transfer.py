@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr
-from numpyro.infer import init_to_median, init_to_sample
+from numpyro.infer import Predictive, init_to_median, init_to_sample
 from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import validate_data
@@ -48,6 +48,8 @@ from pcbtl.inference import (
     Posterior,
     check_sampler,
     concatenate_chains,
+    idata_groups,
+    idata_with_coords,
     resolve_chain_method,
     run_mclmc,
     run_plans,
@@ -246,6 +248,11 @@ class RegressorBase(RegressorMixin, BaseEstimator):
         """Set ``feature_names_in_`` from the columns of a DataFrame ``X`` (remove it for any
         other ``X``); ``n_features_in_`` is set by the fit itself."""
         validate_data(self, X, reset=True, skip_check_array=True, ensure_2d=False)
+        names = getattr(self, "feature_names_in_", None)
+        idata = getattr(self, "idata_", None)
+        if names is not None and idata is not None and "constant_data" in idata_groups(idata):
+            # the constant_data group's feature dimension, named after the DataFrame's columns
+            self.idata_ = idata_with_coords(idata, "constant_data", {"feature": list(names)})
 
     def _check_input(self, X: Any) -> np.ndarray:
         """Fitted check, the feature-name check of scikit-learn (an error when the columns of
@@ -519,6 +526,7 @@ class PosteriorRegressor(RegressorBase):
             loglik[:, rows] = -0.5 * z**2 - log_norm
             pp[:, rows] = loc + scale * (means + sig[:, None] * rng.standard_normal(means.shape))
         shape = (chains, draws, n)
+        prior = self._prior_group(state, draws, affine)
         samples = dict(posterior.samples)
         samples["sigma"] = samples["sigma"] * scale
         if "beta" in samples:
@@ -534,7 +542,16 @@ class PosteriorRegressor(RegressorBase):
             observed=loc + scale * np.asarray(y, np.float64),
             drop=drop,
             attrs={**(attrs or {}), "y_loc": float(loc), "y_scale": float(scale)},
+            prior=prior,
+            constant_data=np.asarray(X, np.float32),
         )
+
+    def _prior_group(
+        self, state: Any, draws: int, affine: tuple[float, float]
+    ) -> dict[str, np.ndarray] | None:
+        """Draws ``(1, draws)`` of the scalar sites under the prior for idata's ``prior`` group
+        (σ in the units of ``y``); ``None`` where an estimator has none."""
+        return None
 
 
 #: the centred scale model as one function object (batched samplers are cached per model)
@@ -1097,7 +1114,9 @@ class PCTransferRegressor(PosteriorRegressor):
             X,
             y,
             setup,
-            drop=("eps", "theta") if self.prior != "last_layer" else (),
+            # the latent ε (scale, tangent) and z (last layer) are auxiliary: the weights are
+            # θ = θ_S + τ s⊙ε, the head β; neither belongs in the posterior users read
+            drop=("eps", "theta") if self.prior != "last_layer" else ("z",),
             attrs={"pcbtl_prior": self.prior, "U": float(self.U), "alpha": float(self.alpha)},
             affine=setup["affine"],
             diagnostic_means=means,
@@ -1130,6 +1149,24 @@ class PCTransferRegressor(PosteriorRegressor):
         return self
 
     # ---- predictions -------------------------------------------------------------------------
+    def _prior_group(
+        self, state: Any, draws: int, affine: tuple[float, float]
+    ) -> dict[str, np.ndarray] | None:
+        """``σ`` (units of ``y``), ``d`` and, by construction, ``τ`` (scale, tangent) and the
+        rate hyperprior's sites, drawn from the model without data (``draws`` draws, one
+        chain); vector sites (``β``, ``ε``, ``z``) are left out."""
+        kwargs = self._model_kwargs(state)
+        draws_ = Predictive(self._model(), num_samples=int(draws))(
+            jax.random.PRNGKey(int(self.seed) + 1), **kwargs
+        )
+        out = {
+            k: np.asarray(v, np.float64)[None]
+            for k, v in draws_.items()
+            if np.ndim(v) == 1 and k in ("sigma", "tau", "distance", "rate", "U_z")
+        }
+        out["sigma"] = out["sigma"] * affine[1]
+        return out
+
     def _diagnostic_inputs(self, X: np.ndarray, state: Any) -> np.ndarray:
         """A seeded subsample of the reference inputs ``x̃ ~ Q`` (target and source rows)."""
         return _subsample(state["Xref"], self.N_DIAGNOSTIC_INPUTS, self.seed)

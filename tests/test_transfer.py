@@ -172,6 +172,25 @@ def test_inference_data_groups_and_shapes(task, fitted):
     assert float(groups["log_likelihood"]["y"].values[0, 0].sum()) == pytest.approx(
         expected, rel=1e-4
     )
+    # as ArviZ users expect: the model's metadata on the posterior, a prior group of the scalar
+    # sites, the inputs as constant_data, the auxiliary z left out
+    attrs = groups["posterior"].attrs
+    assert attrs["pcbtl_prior"] == "last_layer" and attrs["U"] == 1.0 and attrs["alpha"] == 0.05
+    assert "z" not in groups["posterior"]
+    assert set(groups["prior"].data_vars) == {"sigma", "distance"}
+    assert groups["prior"]["sigma"].shape == (1, 250)
+    d = groups["prior"]["distance"].values.ravel()  # d ~ Exp(λ) under the prior, λ = 3.0
+    assert abs(np.mean(d) - 1 / fitted.rate_) < 5 / fitted.rate_ / np.sqrt(d.size)
+    X = groups["constant_data"]["X"]
+    assert X.dims == ("obs", "feature") and X.shape == task.X_target.shape
+
+
+def test_constant_data_features_are_named_after_the_dataframe_columns(task, source):
+    pd = pytest.importorskip("pandas")
+    X = pd.DataFrame(task.X_target, columns=["mass", "radius", "charge"])
+    est = pcbtl.PCTransferRegressor(source, **FAST).fit(X, task.y_target)
+    X_group = idata_group(est.idata_, "constant_data")["X"]
+    assert list(X_group.coords["feature"].values) == ["mass", "radius", "charge"]
 
 
 def test_prediction_api(task, fitted):

@@ -14,6 +14,7 @@ from pcbtl.inference.convert import (
     idata_from_groups,
     idata_group,
     idata_groups,
+    idata_with_coords,
     make_log_density,
     to_inference_data,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "idata_from_groups",
     "idata_group",
     "idata_groups",
+    "idata_with_coords",
     "make_log_density",
     "plan_key",
     "resolve_chain_method",

@@ -32,6 +32,7 @@ __all__ = [
     "idata_from_groups",
     "idata_group",
     "idata_groups",
+    "idata_with_coords",
     "make_log_density",
     "to_inference_data",
 ]
@@ -67,6 +68,7 @@ def idata_from_groups(
     *,
     dims: dict[str, list[str]] | None = None,
     attrs: dict[str, Any] | None = None,
+    coords: dict[str, Any] | None = None,
 ) -> Any:
     """The ArviZ object of the installed ArviZ holding ``groups``.
 
@@ -82,7 +84,10 @@ def idata_from_groups(
         groups; ``predictions`` groups ignore them, as both ArviZ versions do). Others get
         ``<var>_dim_<i>``.
     attrs
-        Attributes of the whole object (the root node's under ArviZ >= 1).
+        Attributes of the whole object (the root node's under ArviZ >= 1), set on every group
+        as well, so ``idata.posterior.attrs`` carries them as ArviZ users expect.
+    coords
+        Values of named dimensions (say the feature names of a ``feature`` dimension).
 
     Returns
     -------
@@ -98,9 +103,14 @@ def idata_from_groups(
     (['posterior'], (2, 5))
     """
     kept = {name: dict(data) for name, data in groups.items() if data}
+    attrs = dict(attrs or {})
     if ARVIZ_MAJOR >= 1:
-        return az.from_dict(kept, dims=dims, attrs={"/": dict(attrs or {})})
-    return az.from_dict(**kept, dims=dims, attrs=dict(attrs or {}))
+        obj = az.from_dict(kept, dims=dims, coords=coords, attrs={"/": attrs})
+    else:
+        obj = az.from_dict(**kept, dims=dims, coords=coords, attrs=attrs)
+    for name in kept:
+        obj[name].attrs.update(attrs)
+    return obj
 
 
 def _is_datatree(obj: Any) -> bool:
@@ -127,6 +137,16 @@ def idata_group(obj: Any, name: str) -> xr.Dataset:
     return obj[name]
 
 
+def idata_with_coords(obj: Any, group: str, coords: dict[str, Any]) -> Any:
+    """``obj`` with coordinate values ``coords`` (dimension name → values) set on ``group``, for
+    ``InferenceData`` (ArviZ 0.x) and ``DataTree`` (ArviZ >= 1) alike."""
+    if _is_datatree(obj):
+        obj[group] = obj[group].to_dataset().assign_coords(coords)
+        return obj
+    setattr(obj, group, getattr(obj, group).assign_coords(coords))
+    return obj
+
+
 def to_inference_data(
     posterior: Posterior,
     *,
@@ -135,15 +155,23 @@ def to_inference_data(
     observed: np.ndarray | None = None,
     drop: tuple[str, ...] = (),
     attrs: dict[str, Any] | None = None,
+    prior: dict[str, np.ndarray] | None = None,
+    constant_data: np.ndarray | None = None,
+    feature_names: Any = None,
+    dims: dict[str, list[str]] | None = None,
 ) -> Any:
     """ArviZ data (``InferenceData``, or ``DataTree`` under ArviZ >= 1: :func:`idata_from_groups`)
     with posterior, sample_stats and, when given, the per-row ``log_likelihood``,
     ``posterior_predictive`` (both ``(chain, draw, n)``) and ``observed_data`` (variable ``y``,
-    dimension ``obs``). Attributes: ``inference_library``, ``inference_method`` and ``attrs``."""
+    dimension ``obs``); ``prior`` (site → draws ``(1, draw, ...)``, sampled from the prior);
+    ``constant_data`` (variable ``X``, dimensions ``(obs, feature)``, the features named by
+    ``feature_names`` when given). ``dims`` names the dimensions of sites after
+    ``(chain, draw)``; others get ``<site>_dim_<i>``. Attributes on the whole object and on every
+    group: ``inference_library``, ``inference_method`` and ``attrs``."""
     post = {k: v for k, v in posterior.samples.items() if k not in drop}
-    dims: dict[str, list[str]] = {"y": ["obs"]}
-    for k, v in post.items():
-        if v.ndim > 2:
+    dims = {"y": ["obs"], **(dims or {})}
+    for k, v in {**post, **(prior or {})}.items():
+        if v.ndim > 2 and k not in dims:
             dims[k] = [f"{k}_dim_{i}" for i in range(v.ndim - 2)]
     stats = {k: v for k, v in posterior.sample_stats.items() if np.ndim(v) >= 2}
     groups: dict[str, dict[str, Any] | None] = {"posterior": post, "sample_stats": stats}
@@ -153,6 +181,14 @@ def to_inference_data(
         groups["posterior_predictive"] = {"y": posterior_predictive}
     if observed is not None:
         groups["observed_data"] = {"y": observed}
+    if prior:
+        groups["prior"] = prior
+    coords: dict[str, Any] = {}
+    if constant_data is not None:
+        groups["constant_data"] = {"X": constant_data}
+        dims["X"] = ["obs", "feature"]
+        if feature_names is not None:
+            coords["feature"] = [str(f) for f in feature_names]
     all_attrs = {"inference_library": "numpyro", "inference_method": posterior.method}
     all_attrs.update(attrs or {})
-    return idata_from_groups(groups, dims=dims, attrs=all_attrs)
+    return idata_from_groups(groups, dims=dims, attrs=all_attrs, coords=coords or None)
