@@ -1156,6 +1156,21 @@ def fit_replicates(
         return one_by_one()
     t0 = time.perf_counter()
     posts = run_plans(plans, devices=devices)
+    # the second pass of ``fit`` (PCTransferRegressor, scale prior): a fit whose τ ran past the
+    # grid of r(τ) is sampled again on the extended grid, as alone, so that its result does
+    # not depend on whether it was fitted in a group (each fit's draws are its own plan's)
+    again = {}
+    for r, (est, post, plan) in enumerate(zip(estimators, posts, plans, strict=True)):
+        reach = getattr(est, "_grid_reach", None)
+        reach = reach(post, plan.complete.keywords["setup"]) if reach else 0.0
+        if reach:
+            again[r] = est._batch_plan(*datasets[r], tau_reach=reach)
+    by_key: dict[tuple, list[int]] = {}
+    for r, plan in again.items():
+        by_key.setdefault(plan_key(plan), []).append(r)
+    for rs in by_key.values():
+        for r, post in zip(rs, run_plans([again[r] for r in rs], devices=devices), strict=True):
+            plans[r], posts[r] = again[r], post
     share = (time.perf_counter() - t0) / len(plans)
     for est, post, plan in zip(estimators, posts, plans, strict=True):
         plan.complete(post, seconds=plan.setup_seconds + share)

@@ -115,10 +115,12 @@ def run_nuts(
 _INIT_CACHE: dict[tuple[Any, str], Callable] = {}
 
 
-def _batched_init(model: Callable[..., None], init_strategy: Callable) -> Callable:
-    """Jitted initial points (unconstrained) for keys ``(R, C)`` and stacked data ``(R, ...)``:
-    one compilation per model and strategy (``repr`` of the strategy: its function and
-    arguments) instead of one per fit or chain."""
+def _chain_init(model: Callable[..., None], init_strategy: Callable) -> Callable:
+    """Jitted initial points (unconstrained) of the chains of one fit: keys ``(C, 2)``, that
+    fit's data and the parameter prototype (zeros: shapes only). One compilation per model and
+    strategy (``repr`` of the strategy: its function and arguments) and shapes, called once per
+    fit, so a fit's initial points come from the same program whatever other fits share its
+    job (a program vmapped over the fits of a group would change with the group's size)."""
     from numpyro.infer.util import find_valid_initial_params
 
     key = (model, repr(init_strategy))
@@ -133,8 +135,7 @@ def _batched_init(model: Callable[..., None], init_strategy: Callable) -> Callab
                 prototype_params=prototype,
             )
 
-        chains = jax.vmap(one, in_axes=(0, None, None))
-        _INIT_CACHE[key] = jax.jit(jax.vmap(chains, in_axes=(0, 0, None)))
+        _INIT_CACHE[key] = jax.jit(jax.vmap(one, in_axes=(0, None, None)))
     return _INIT_CACHE[key]
 
 
@@ -350,6 +351,16 @@ def run_nuts_batched(
     functional ``numpyro.infer.hmc.hmc`` kernel; windowed adaptation as in ``MCMC``), so each
     is exactly the single-chain sampler, only batched; the chains of a fit share its data.
 
+    A fit's draws are a function of its own seed and data (and the shared settings) only, not
+    of which other fits share the job, how many or in what order: its keys come from its seed,
+    its initial points from one call per fit of the same compiled initialiser, and the
+    adaptation is per chain; the vmapped axis of the runs never has width one (see below),
+    because XLA compiles a unit batch dimension into another program whose rounding NUTS
+    would amplify into another path. So a fit alone, or after a resume, gives the draws it
+    gave in a group (measured on CPU: bitwise; ``tests/test_batch_reproducible.py``). Seeds
+    default to the fits' positions (``seeds[r] = r``): pass them to make the fits' order
+    irrelevant.
+
     ``vectorize=True`` vmaps chains and fits: one program step advances all of them, and every
     NUTS tree runs until the deepest tree of the batch finishes (masked), so a step costs the
     longest chain's tree. ``vectorize=False`` runs them one after another inside the same
@@ -357,13 +368,14 @@ def run_nuts_batched(
     several devices (``devices``, default all local devices: GPUs, or CPU host devices) the
     runs are split over them with ``jax.shard_map`` (one chain per device when there are at
     least as many devices as chains): each device runs its slice with its own loops, all at
-    once; the runs are padded to a multiple of the device count with copies of the last one,
-    whose draws are discarded. The program is compiled once per model, sampler settings and
-    shapes (:func:`_batched_sampler`). ``interweave`` (an :class:`pcbtl.interweave.Interweave`)
-    samples the scale site by interweaved slice updates between NUTS steps on the other sites
-    (NUTS within Gibbs). ``progress_bar`` shows one bar over the iterations (host callbacks
-    from the compiled loop). Returns one :class:`pcbtl.inference.Posterior` per fit, with draws
-    of shape ``(num_chains, num_samples, ...)``.
+    once; the runs are padded to a multiple of the device count (and, when vmapped, to at
+    least two per device) with copies of the last one, whose draws are discarded. The program
+    is compiled once per model, sampler settings and shapes (:func:`_batched_sampler`).
+    ``interweave`` (an :class:`pcbtl.interweave.Interweave`) samples the scale site by
+    interweaved slice updates between NUTS steps on the other sites (NUTS within Gibbs).
+    ``progress_bar`` shows one bar over the iterations (host callbacks from the compiled
+    loop). Returns one :class:`pcbtl.inference.Posterior` per fit, with draws of shape
+    ``(num_chains, num_samples, ...)``.
     """
     from numpyro.infer.util import initialize_model
 
@@ -394,15 +406,20 @@ def run_nuts_batched(
             f"the fits' model arguments differ in structure or shape, so they cannot be "
             f"stacked into one batch: {exc}"
         ) from exc
+    # Everything a fit starts from is a function of its own seed and data only: its keys
+    # (chain_keys of its seed), and its initial points, found by one call per fit of the same
+    # compiled initialiser (never one call vmapped over the group, whose size would change the
+    # program and so the rounding), from a prototype that only gives the parameters' shapes.
     pairs = [chain_keys(s, C) for s in seeds]
-    init_keys = jnp.stack([p[0] for p in pairs])  # (R, C, 2)
-    keys = jnp.stack([p[1] for p in pairs])
-    # the unconstrained parameter structure, from the first fit (one un-jitted trace)
+    keys = jnp.stack([p[1] for p in pairs])  # (R, C, 2)
     prototype = initialize_model(
-        init_keys[0, 0], model, model_kwargs=kwargs_list[0], init_strategy=init_strategy
+        pairs[0][0][0], model, model_kwargs=kwargs_list[0], init_strategy=init_strategy
     ).param_info.z
-    (z0, _, _), valid = _batched_init(model, init_strategy)(init_keys, data, prototype)
-    valid = np.asarray(valid)
+    prototype = jax.tree_util.tree_map(jnp.zeros_like, prototype)
+    init = _chain_init(model, init_strategy)
+    starts = [init(p[0], kw, prototype) for p, kw in zip(pairs, as_arrays, strict=True)]
+    z0 = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[z for (z, _, _), _ in starts])
+    valid = np.stack([np.asarray(v) for _, v in starts])  # (R, C)
     if not bool(np.all(valid)):
         bad = sorted({r for r, c in zip(*np.nonzero(~valid), strict=True)})
         raise RuntimeError(
@@ -415,12 +432,20 @@ def run_nuts_batched(
         keys, z0 = jax.tree_util.tree_map(lambda a: a.reshape((R * C, 1) + a.shape[2:]), (keys, z0))
         data = jax.tree_util.tree_map(lambda a: jnp.repeat(a, C, axis=0), data)
         runs = R * C
-    if len(devices) > 1:
-        pad = (-runs) % len(devices)
-        if pad:  # copies of the last run, discarded below
-            keys, z0, data = jax.tree_util.tree_map(
-                lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), (keys, z0, data)
-            )
+    # runs per device: the same number on every device (shard_map splits evenly) and, when
+    # vmapped, at least two. XLA drops a batch dimension of size one and compiles another
+    # program (other fusions and dot kernels, hence other rounding, which NUTS amplifies into
+    # another path within a few hundred iterations), so a fit run alone would not give the
+    # draws it gives in a group; from two on, a run's draws do not depend on the width, on
+    # its position or on the other runs (measured on CPU: bitwise the same).
+    per_device = -(-runs // len(devices))
+    if vectorize:
+        per_device = max(per_device, 2)
+    pad = per_device * len(devices) - runs
+    if pad:  # copies of the last run (the same path, so no longer trees), discarded below
+        keys, z0, data = jax.tree_util.tree_map(
+            lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), (keys, z0, data)
+        )
     sampler = _batched_sampler(
         model,
         int(num_warmup),
