@@ -367,6 +367,15 @@ class HurdleRegressor(RegressorBase):
             raise ValueError("regressor must be a pcbtl PosteriorRegressor (posterior draws)")
         if self.point not in ("median", "mean"):
             raise ValueError(f"point must be 'median' or 'mean', got {self.point!r}")
+        if self.classifier is not None and not (
+            callable(getattr(self.classifier, "fit", None))
+            and callable(getattr(self.classifier, "predict_proba", None))
+            and callable(getattr(self.classifier, "get_params", None))
+        ):
+            raise ValueError(
+                "classifier must be None (boosted trees) or a scikit-learn classifier with fit "
+                f"and predict_proba, got {self.classifier!r}"
+            )
         clf = zero_classifier(self.classifier, self.calibration, self.calibration_cv)
         X_in = X
         X, y = check_Xy(X, y, min_rows=4)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -223,6 +224,10 @@ class _Forest:
         return mu, scale**2 * var
 
 
+#: the smallest noise sd of a forest's predictive, in label sds (standardised units)
+FOREST_NOISE_FLOOR = 1e-3
+
+
 def _fit_forest(X, y, *, n_estimators, min_samples_leaf, seed, noise_rows=None) -> _Forest:
     """Fit a bootstrap forest; the noise variance is the out-of-bag mean squared error (over
     ``noise_rows`` when given: the target rows of a multi-task forest). The trees are grown on
@@ -247,6 +252,18 @@ def _fit_forest(X, y, *, n_estimators, min_samples_leaf, seed, noise_rows=None) 
     rows = np.ones(len(y), bool) if noise_rows is None else noise_rows
     rows = rows & np.isfinite(oob)
     noise_var = float(np.mean((oob[rows] - y_std[rows]) ** 2)) if rows.any() else 1.0
+    if noise_var < FOREST_NOISE_FLOOR**2:
+        # out-of-bag predictions equal to the labels (constant or perfectly separable labels):
+        # the interval would have width 0 wherever the trees agree; floored and said so
+        warnings.warn(
+            f"the forest's out-of-bag error is {math.sqrt(noise_var) * scale:.3g} (labels it "
+            "reproduces exactly, e.g. constant labels): its noise sd is floored at "
+            f"{FOREST_NOISE_FLOOR:g} label sds ({FOREST_NOISE_FLOOR * scale:.3g}), so the "
+            "predictive intervals are nearly zero-width; they say nothing about new data",
+            UserWarning,
+            stacklevel=4,
+        )
+        noise_var = FOREST_NOISE_FLOOR**2
     return _Forest(rf, tuple(X.shape), scale**2 * noise_var, int(seed), (loc, scale))
 
 

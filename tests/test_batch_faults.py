@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pcbtl import batch
@@ -328,3 +329,28 @@ def test_a_network_of_width_zero_is_refused_by_name(task, source, method):
     with pytest.raises(ValueError, match=r"hidden\[0\] must be a positive integer, got 0"):
         est.fit(task.X_target, task.y_target)
     assert not hasattr(est, "posterior_")
+
+
+def test_a_forest_that_reproduces_its_labels_warns_and_keeps_a_positive_width(task, source):
+    # constant labels: out-of-bag error 0 and infinitesimal-jackknife variance 0 gave intervals
+    # of width exactly 0 (row 21); now the noise sd is floored at 1e-3 label sds, with a warning
+    import pcbtl
+
+    est = pcbtl.make_method("latent-rf", source, n_estimators=20)
+    with pytest.warns(UserWarning, match="out-of-bag error is 0"):
+        est.fit(task.X_target, np.full(len(task.y_target), 1.5))
+    lo, hi = est.predict_interval(task.X_test)
+    assert np.all(hi - lo > 0)
+
+
+@pytest.mark.parametrize("classifier", ["gbt", object()])
+def test_the_hurdle_checks_its_classifier_at_fit(task, source, classifier):
+    # a string or an object without fit/predict_proba failed deep inside scikit-learn (row 20)
+    import pcbtl
+    from pcbtl.hurdle import HurdleRegressor
+
+    reg = pcbtl.PCTransferRegressor(source, num_warmup=10, num_samples=10, num_chains=1)
+    y = np.clip(task.y_target, 0, None)
+    y[:10] = 0
+    with pytest.raises(ValueError, match="classifier must be None .* or a scikit-learn classifier"):
+        HurdleRegressor(reg, classifier=classifier).fit(task.X_target, y)

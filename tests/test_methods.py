@@ -94,6 +94,13 @@ def test_every_method_shares_the_estimator_interface(name, task, source):
         est.predict(Xt[:, :2])
     with pytest.raises(ValueError, match="level"):
         est.predict_interval(Xt, level=1.5)
+    # a failed refit leaves every fitted attribute as it was (issue 14, row 21)
+    fitted = {k: v for k, v in vars(est).items() if k.endswith("_")}
+    with pytest.raises(ValueError, match="y contains NaN"):
+        est.fit(X, np.r_[y[:-1], np.nan])
+    after = {k: v for k, v in vars(est).items() if k.endswith("_")}
+    assert after.keys() == fitted.keys() and all(after[k] is fitted[k] for k in fitted)
+    np.testing.assert_allclose(est.predict(Xt), mu)
 
 
 @pytest.mark.parametrize("name", EXPECTED)
