@@ -129,7 +129,7 @@ def _summary(fits: list[dict], pairs: list[dict], header: str) -> str:
         ("metal_coverage95", "metal cover", "{:.3f}"),
         ("pred_share_rhat_above_1_05", "pred R̂>1.05", "{:.1%}"),
         ("pred_max_rhat", "pred R̂ max", "{:.2f}"),
-        ("pred_seconds_per_ess", "s / pred ESS", "{:.1f}"),
+        ("pred_seconds_per_ess", "s / pred ESS", "{:.3g}"),
         ("tau_rhat", "τ R̂", "{:.2f}"),
         ("tau_bulk_ess", "τ ESS", "{:.0f}"),
         ("sigma_median", "σ", "{:.3f}"),
