@@ -4,10 +4,12 @@ The public surface: train a source network (:func:`train_source`), then fit the 
 :class:`PCTransferRegressor`, whose prior says how far (in KL distance) the target's predictive
 model may move from the source's (Abba, Williams & Reich 2023). The NumPyro model functions
 (:mod:`pcbtl.models`), the priors (:mod:`pcbtl.priors`) and KL estimators (:mod:`pcbtl.kl`)
-are public for users who build their own samplers.
+are public for users who build their own samplers. Classification targets:
+:func:`train_source_classifier` and :class:`PCTransferClassifier` (:mod:`pcbtl.classification`).
 """
 
-from pcbtl import kl, models, priors
+from pcbtl import classification, kl, models, priors
+from pcbtl.classification import PCTransferClassifier, SourceClassifier, train_source_classifier
 from pcbtl.hurdle import HurdleRegressor
 from pcbtl.inference import (
     Posterior,
@@ -29,10 +31,13 @@ __all__ = [
     "BayesianNetworkRegressor",
     "HurdleRegressor",
     "LastLayerPC",
+    "PCTransferClassifier",
     "PCTransferRegressor",
     "Posterior",
     "ScalePC",
+    "SourceClassifier",
     "SourceModel",
+    "classification",
     "clear_caches",
     "kl",
     "make_log_density",
@@ -46,5 +51,6 @@ __all__ = [
     "run_svi",
     "to_inference_data",
     "train_source",
+    "train_source_classifier",
     "transfer_parametrization",
 ]

@@ -11,6 +11,7 @@ driver.
 from __future__ import annotations
 
 import gc
+import sys
 import warnings
 from collections.abc import Callable
 from functools import lru_cache
@@ -154,6 +155,12 @@ def clear_caches() -> None:
     _batched_sampler.cache_clear()
     _INIT_CACHE.clear()
     _flat_apply.cache_clear()
+    # the classifiers' network functions, when that module is in use (not imported here:
+    # inference knows no estimator)
+    classification = sys.modules.get("pcbtl.classification.source")
+    if classification is not None:
+        classification._flat_logit_apply.cache_clear()
+        classification._head_logit_apply.cache_clear()
     jax.clear_caches()
     gc.collect()
 
