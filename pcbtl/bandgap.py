@@ -62,7 +62,7 @@ DEFAULT_METHODS = (
     "difference-rf",
     "latent-rf",
     "hurdle-pc-last-layer",
-    "hurdle-pc-scale",
+    "hurdle-pc-tangent",
 )
 
 
