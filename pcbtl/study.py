@@ -273,6 +273,8 @@ def _method_options(name: str, cfg: StudyConfig, task, seed: int) -> dict[str, A
     deep = {**nuts, "max_tree_depth": cfg.max_tree_depth}
     if name == "pc-scale":
         return {**deep, "max_reference": cfg.pc_scale_reference}
+    if name == "pc-tangent":  # NUTS over (σ, τ) only: no tree-depth limit needed
+        return {**nuts, "max_reference": cfg.pc_scale_reference}
     if name == "target-only":
         return {**deep, "hidden": cfg.learner_hidden}
     arch, base = name.rsplit("-", 1)

@@ -261,12 +261,12 @@ def test_quick_study_writes_every_method_and_metric(tmp_path):
         assert 0.0 <= r["coverage95"] <= 1.0 and r["width95"] > 0 and r["crps"] > 0
     # batched wherever the posterior is sampled by single-chain NUTS
     nuts = {"target-only", "pretrained-gaussian", "bayes-last-layer", "pc-last-layer", "pc-scale"}
-    nuts |= {"multitask-bnn", "difference-bnn", "latent-bnn"}
+    nuts |= {"pc-tangent", "multitask-bnn", "difference-bnn", "latent-bnn"}
     assert all(r["batched"] == (r["method"] in nuts) for r in back)
     # calibration of the PC prior with a related source (δ = 0): the mean coverage of the 95%
     # interval over 2 × 500 test points lies in [0.85, 1.0] (binomial sd of one replicate's
     # coverage at 0.95 is 0.01; the band leaves room for the short chains)
-    for name in ("pc-last-layer", "pc-scale"):
+    for name in ("pc-last-layer", "pc-scale", "pc-tangent"):
         cov = np.mean([r["coverage95"] for r in back if r["method"] == name])
         assert 0.85 <= cov <= 1.0, (name, cov)
     text = (tmp_path / "summary.md").read_text()
