@@ -221,7 +221,6 @@ class SourceModel:
         once (the last one wins). The file gets the mode a new file gets from the process
         umask (``0o644`` under the usual ``022``).
         """
-        path = Path(path)
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -238,29 +237,7 @@ class SourceModel:
             raise ValueError(
                 f"cannot save the model: info must be JSON-serialisable ({exc})"
             ) from exc
-        arrays: dict[str, np.ndarray] = {
-            "__meta__": np.array(header),
-            "x_mean": np.asarray(self.x_mean),
-            "x_scale": np.asarray(self.x_scale),
-            "reference_X": np.asarray(self.reference_X),
-        }
-        for layer, leaves in self.params.items():
-            for name, value in leaves.items():
-                arrays[f"params/{layer}/{name}"] = np.asarray(value)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, _new_file_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_directory(path.parent)
-        return path
+        return _save_archive(Path(path), header, self)
 
     @classmethod
     def load(cls, path: str | Path) -> SourceModel:
@@ -291,89 +268,15 @@ class SourceModel:
         ValueError
             A corrupt, foreign, forged or inconsistent file (the message names the file).
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no source model file at {path}")
-        try:
-            return cls._load_checked(path)
-        except ValueError as exc:
-            raise ValueError(f"{path} is not a valid pcbtl SourceModel file: {exc}") from None
-        except (
-            zipfile.BadZipFile,
-            zipfile.LargeZipFile,
-            NotImplementedError,
-            OSError,
-            EOFError,
-            zlib.error,
-            KeyError,
-            TypeError,
-            RecursionError,
-            MemoryError,
-        ) as exc:
-            raise ValueError(
-                f"{path} is not a valid pcbtl SourceModel file: {type(exc).__name__}: {exc}"
-            ) from None
+        return _load_file(path, cls._load_checked, label="SourceModel", missing="source model")
 
     @classmethod
     def _load_checked(cls, path: Path) -> SourceModel:
-        with zipfile.ZipFile(path) as zf:
-            members: dict[str, zipfile.ZipInfo] = {}
-            for item in zf.infolist():
-                if not item.filename.endswith(".npy") or item.filename[:-4] in members:
-                    raise ValueError(f"unexpected or repeated archive member {item.filename!r}")
-                members[item.filename[:-4]] = item
-            total = sum(item.file_size for item in members.values())
-            if total > MAX_MODEL_BYTES:
-                raise ValueError(
-                    f"its arrays take {total} bytes, more than MAX_MODEL_BYTES = "
-                    f"{MAX_MODEL_BYTES} bytes"
-                )
-            if "__meta__" not in members:
-                raise ValueError("missing header (__meta__)")
-            if members["__meta__"].file_size > 4 * _MAX_HEADER_CHARS + 4096:  # UCS-4 + .npy head
-                raise ValueError(f"the header is larger than {_MAX_HEADER_CHARS} characters")
-            meta = _read_header(_read_npy_member(zf, members["__meta__"], "__meta__"))
-            hidden, activation = meta["hidden"], meta["activation"]
-            layers = [f"hidden_{i}" for i in range(len(hidden))] + ["output"]
-            expected = ["x_mean", "x_scale", "reference_X"] + [
-                f"params/{layer}/{leaf}" for layer in layers for leaf in ("kernel", "bias")
-            ]
-            missing = [k for k in expected if k not in members]
-            unexpected = sorted(set(members) - set(expected) - {"__meta__"})
-            if missing or unexpected:
-                raise ValueError(
-                    f"its arrays do not match the declared architecture hidden={hidden}: "
-                    f"missing {missing[:6]}, unexpected {unexpected[:6]}"
-                )
-            arrays = {k: _read_npy_member(zf, members[k], k) for k in expected}
-        for key, arr in arrays.items():
-            if arr.dtype.kind not in "fiu":
-                raise ValueError(f"array {key} has dtype {arr.dtype}, not a number type")
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"array {key} contains NaN or infinity")
-            if arr.dtype.kind in "iu":
-                arrays[key] = arr.astype(np.float64)
+        meta, layers, arrays = _read_archive(path, _read_header, max_bytes=MAX_MODEL_BYTES)
+        hidden, activation = meta["hidden"], meta["activation"]
         x_mean, x_scale, reference_X = arrays["x_mean"], arrays["x_scale"], arrays["reference_X"]
-        if x_mean.ndim != 1 or x_mean.size < 1:
-            raise ValueError(f"x_mean must be a non-empty vector, got shape {x_mean.shape}")
         d = x_mean.shape[0]
-        if x_scale.shape != (d,):
-            raise ValueError(f"x_scale has shape {x_scale.shape} but x_mean has shape {(d,)}")
-        if not np.all(x_scale > 0):
-            i = int(np.argmin(x_scale > 0))
-            raise ValueError(f"x_scale must be positive, but entry {i} is {x_scale[i]}")
-        if reference_X.ndim != 2 or reference_X.shape[1] != d:
-            raise ValueError(f"reference_X must have shape (m, {d}), got {reference_X.shape}")
-        fan_in = d
-        for layer, fan_out in zip(layers, [*hidden, 1], strict=True):
-            for leaf, shape in (("kernel", (fan_in, fan_out)), ("bias", (fan_out,))):
-                key = f"params/{layer}/{leaf}"
-                if arrays[key].shape != shape:
-                    raise ValueError(
-                        f"array {key} has shape {arrays[key].shape} but hidden={hidden} with "
-                        f"{d} features gives it shape {shape}"
-                    )
-            fan_in = fan_out
+        _check_layer_shapes(arrays, layers, [*hidden, 1], d, f"hidden={hidden} with {d} features")
         params = {
             layer: {
                 leaf: jnp.asarray(arrays[f"params/{layer}/{leaf}"]) for leaf in ("kernel", "bias")
@@ -460,6 +363,155 @@ def _read_npy_member(zf: zipfile.ZipFile, item: zipfile.ZipInfo, key: str) -> np
     return arr.astype(dtype.newbyteorder("="), order="C", copy=True)
 
 
+_LOAD_ERRORS = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    NotImplementedError,
+    OSError,
+    EOFError,
+    zlib.error,
+    KeyError,
+    TypeError,
+    RecursionError,
+    MemoryError,
+)
+
+
+def _save_archive(path: Path, header: str, model: Any) -> Path:
+    """Write ``model``'s arrays (``x_mean``, ``x_scale``, ``reference_X``, every parameter under
+    ``params/<layer>/<leaf>``) and the JSON ``header`` to ``path`` as a NumPy ``.npz`` archive.
+
+    The archive goes to a uniquely named temporary file in the same directory
+    (:func:`tempfile.mkstemp`), is flushed to disk (``fsync``), given the mode a new file gets
+    from the umask and moved over ``path`` with :func:`os.replace`; the directory entry is then
+    flushed too. A reader sees the old file or the new one, never a mix.
+    """
+    arrays: dict[str, np.ndarray] = {
+        "__meta__": np.array(header),
+        "x_mean": np.asarray(model.x_mean),
+        "x_scale": np.asarray(model.x_scale),
+        "reference_X": np.asarray(model.reference_X),
+    }
+    for layer, leaves in model.params.items():
+        for name, value in leaves.items():
+            arrays[f"params/{layer}/{name}"] = np.asarray(value)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def _load_file(path: str | Path, read: Callable[[Path], Any], *, label: str, missing: str) -> Any:
+    """``read(path)``, with a missing file a ``FileNotFoundError`` (``"no {missing} file at …"``)
+    and any failure to read it a ``ValueError`` naming the file as not a valid ``label`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {missing} file at {path}")
+    try:
+        return read(path)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a valid pcbtl {label} file: {exc}") from None
+    except _LOAD_ERRORS as exc:
+        raise ValueError(
+            f"{path} is not a valid pcbtl {label} file: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _read_archive(
+    path: Path, read_header: Callable[[np.ndarray], dict[str, Any]], *, max_bytes: int
+) -> tuple[dict[str, Any], list[str], dict[str, np.ndarray]]:
+    """``(meta, layers, arrays)`` of a network archive written by :func:`_save_archive`.
+
+    ``meta`` is ``read_header`` of the ``__meta__`` member (it must hold ``hidden``);
+    ``layers`` the layer names of that architecture; ``arrays`` the members ``x_mean``,
+    ``x_scale``, ``reference_X`` and ``params/<layer>/<leaf>``, each checked to be a finite
+    number array (integers become float64). Refused with a ``ValueError`` unless the members are
+    exactly these, all ``.npy``, at most ``max_bytes`` in all (checked before anything is read),
+    ``x_mean`` a non-empty vector, ``x_scale`` positive of its shape and ``reference_X`` one
+    column per feature. The layer shapes are left to :func:`_check_layer_shapes`.
+    """
+    with zipfile.ZipFile(path) as zf:
+        members: dict[str, zipfile.ZipInfo] = {}
+        for item in zf.infolist():
+            if not item.filename.endswith(".npy") or item.filename[:-4] in members:
+                raise ValueError(f"unexpected or repeated archive member {item.filename!r}")
+            members[item.filename[:-4]] = item
+        total = sum(item.file_size for item in members.values())
+        if total > max_bytes:
+            raise ValueError(
+                f"its arrays take {total} bytes, more than MAX_MODEL_BYTES = {max_bytes} bytes"
+            )
+        if "__meta__" not in members:
+            raise ValueError("missing header (__meta__)")
+        if members["__meta__"].file_size > 4 * _MAX_HEADER_CHARS + 4096:  # UCS-4 + .npy head
+            raise ValueError(f"the header is larger than {_MAX_HEADER_CHARS} characters")
+        meta = read_header(_read_npy_member(zf, members["__meta__"], "__meta__"))
+        hidden = meta["hidden"]
+        layers = [f"hidden_{i}" for i in range(len(hidden))] + ["output"]
+        expected = ["x_mean", "x_scale", "reference_X"] + [
+            f"params/{layer}/{leaf}" for layer in layers for leaf in ("kernel", "bias")
+        ]
+        missing = [k for k in expected if k not in members]
+        unexpected = sorted(set(members) - set(expected) - {"__meta__"})
+        if missing or unexpected:
+            raise ValueError(
+                f"its arrays do not match the declared architecture hidden={hidden}: "
+                f"missing {missing[:6]}, unexpected {unexpected[:6]}"
+            )
+        arrays = {k: _read_npy_member(zf, members[k], k) for k in expected}
+    for key, arr in arrays.items():
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"array {key} has dtype {arr.dtype}, not a number type")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"array {key} contains NaN or infinity")
+        if arr.dtype.kind in "iu":
+            arrays[key] = arr.astype(np.float64)
+    x_mean, x_scale, reference_X = arrays["x_mean"], arrays["x_scale"], arrays["reference_X"]
+    if x_mean.ndim != 1 or x_mean.size < 1:
+        raise ValueError(f"x_mean must be a non-empty vector, got shape {x_mean.shape}")
+    d = x_mean.shape[0]
+    if x_scale.shape != (d,):
+        raise ValueError(f"x_scale has shape {x_scale.shape} but x_mean has shape {(d,)}")
+    if not np.all(x_scale > 0):
+        i = int(np.argmin(x_scale > 0))
+        raise ValueError(f"x_scale must be positive, but entry {i} is {x_scale[i]}")
+    if reference_X.ndim != 2 or reference_X.shape[1] != d:
+        raise ValueError(f"reference_X must have shape (m, {d}), got {reference_X.shape}")
+    return meta, layers, arrays
+
+
+def _check_layer_shapes(
+    arrays: dict[str, np.ndarray],
+    layers: Sequence[str],
+    widths: Sequence[int],
+    n_features: int,
+    declared: str,
+) -> None:
+    """Refuse (``ValueError``) a ``kernel`` or ``bias`` in ``arrays`` whose shape is not the one
+    the layer ``widths`` (hidden then output) on ``n_features`` inputs give it; ``declared``
+    describes the header in the message."""
+    fan_in = n_features
+    for layer, fan_out in zip(layers, widths, strict=True):
+        for leaf, shape in (("kernel", (fan_in, fan_out)), ("bias", (fan_out,))):
+            key = f"params/{layer}/{leaf}"
+            if arrays[key].shape != shape:
+                raise ValueError(
+                    f"array {key} has shape {arrays[key].shape} but {declared} gives it "
+                    f"shape {shape}"
+                )
+        fan_in = fan_out
+
+
 def _finite(meta: dict[str, Any], key: str, *, positive: bool) -> float:
     value = meta.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -470,8 +522,17 @@ def _finite(meta: dict[str, Any], key: str, *, positive: bool) -> float:
     return float(value)
 
 
-def _read_header(arr: np.ndarray) -> dict[str, Any]:
-    """The checked JSON header of a model file (see :meth:`SourceModel.load`)."""
+def _read_network_header(
+    arr: np.ndarray, format_name: str, format_version: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(meta, checked)`` of the JSON header ``arr`` of a network archive: ``meta`` the parsed
+    object, ``checked`` its ``hidden``, ``activation`` and ``info`` (default ``{}``).
+
+    ``ValueError`` unless ``arr`` is a string of at most ``_MAX_HEADER_CHARS`` characters
+    holding a JSON object nested at most ``_MAX_HEADER_DEPTH`` deep (checked before parsing),
+    of format ``format_name`` and version ``format_version``, with positive integer ``hidden``
+    widths, a known ``activation`` and an ``info`` object. The caller checks its own keys.
+    """
     if arr.dtype.kind != "U" or arr.shape != ():
         raise ValueError(f"the header __meta__ must be a string, got {arr.dtype} {arr.shape}")
     text = str(arr[()])
@@ -486,12 +547,12 @@ def _read_header(arr: np.ndarray) -> dict[str, Any]:
         raise ValueError(f"the header is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"the header must be a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"format is {meta.get('format')!r}")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("format") != format_name:
+        raise ValueError(f"format is {meta.get('format')!r}, not {format_name!r}")
+    if meta.get("version") != format_version:
         raise ValueError(
             f"format version {meta.get('version')} is not supported "
-            f"(this pcbtl reads version {FORMAT_VERSION})"
+            f"(this pcbtl reads version {format_version})"
         )
     hidden = meta.get("hidden")
     if not (
@@ -499,20 +560,140 @@ def _read_header(arr: np.ndarray) -> dict[str, Any]:
         and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)
     ):
         raise ValueError(f"hidden must be a list of positive integer widths, got {hidden!r}")
-    activation = meta.get("activation")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    activation = _check_activation(meta.get("activation"))
     info = meta.get("info", {})
     if not isinstance(info, dict):
         raise ValueError(f"info must be a JSON object, got {type(info).__name__}")
+    return meta, {"hidden": [int(h) for h in hidden], "activation": activation, "info": info}
+
+
+def _read_header(arr: np.ndarray) -> dict[str, Any]:
+    """The checked JSON header of a model file (see :meth:`SourceModel.load`)."""
+    meta, checked = _read_network_header(arr, FORMAT_NAME, FORMAT_VERSION)
     return {
-        "hidden": [int(h) for h in hidden],
-        "activation": activation,
+        **checked,
         "y_mean": _finite(meta, "y_mean", positive=False),
         "y_scale": _finite(meta, "y_scale", positive=True),
         "noise_sd": _finite(meta, "noise_sd", positive=True),
-        "info": info,
     }
+
+
+# ---- argument checks shared by train_source and train_source_classifier -------------------
+
+
+def _check_activation(activation: Any) -> str:
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return activation
+
+
+def _check_learning_rate(learning_rate: Any) -> float:
+    lr = check_positive(learning_rate, "learning_rate")
+    if lr > 1.0:
+        raise ValueError(f"learning_rate must be at most 1 (Adam on standardised data), got {lr!r}")
+    return lr
+
+
+def _check_validation_fraction(validation_fraction: Any, n_rows: int) -> float:
+    """``validation_fraction`` in ``(0, 1)``, leaving a training row of ``n_rows`` (if known)."""
+    fraction = check_probability(validation_fraction, "validation_fraction")
+    if n_rows and n_rows - max(1, int(round(fraction * n_rows))) < 1:
+        raise ValueError(f"validation_fraction={fraction} leaves no training rows out of {n_rows}")
+    return fraction
+
+
+def _check_featurizer(featurizer: Any) -> dict[str, Any] | None:
+    if featurizer is None:
+        return None
+    if not isinstance(featurizer, dict):
+        raise ValueError(f"featurizer must be a dict or None, got {type(featurizer).__name__}")
+    try:
+        json.dumps(featurizer)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"featurizer must be JSON-serialisable: {exc}") from None
+    return featurizer
+
+
+def _split_and_scale(
+    X: np.ndarray, rng: np.random.Generator, validation_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(train_rows, validation_rows, x_mean, x_scale)``: a random split of the rows of ``X``
+    (at least one validation row) and the input scaling of the training rows."""
+    n = X.shape[0]
+    perm = rng.permutation(n)
+    n_val = max(1, int(round(validation_fraction * n)))
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    x_mean = X[tr_idx].mean(0)
+    x_scale = X[tr_idx].std(0)
+    # a spread that float32 cannot hold (or that is rounding noise on the feature's magnitude)
+    # marks a constant feature: scaled by 1, so the saved model's x_scale stays positive
+    tiny = np.maximum(np.abs(x_mean), 1.0) * 1e-12
+    x_scale = np.where((x_scale > tiny) & (x_scale > np.finfo(np.float32).tiny), x_scale, 1.0)
+    return tr_idx, val_idx, x_mean, x_scale
+
+
+def _fit_adamw(
+    module: nn.Module,
+    loss_fn: Callable[[Any, jax.Array, jax.Array], jax.Array],
+    data: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    *,
+    seed: int,
+    learning_rate: float,
+    weight_decay: float,
+    batch_size: int,
+    max_epochs: int,
+    patience: int,
+    progress_bar: bool,
+) -> tuple[float, Any, int, int]:
+    """Train ``module`` (initialised from ``PRNGKey(seed)``) by minimising ``loss_fn(params, X,
+    y)`` with AdamW, with early stopping on the validation loss.
+
+    ``data`` is ``(X_train, y_train, X_val, y_val)``. Each epoch is one jitted ``lax.scan`` over
+    shuffled minibatches of ``batch_size`` rows; training stops when the validation loss has
+    not improved for ``patience`` epochs. Returns ``(best validation loss, its parameters, its
+    epoch, epochs run)``; ``FloatingPointError`` when the validation loss is not finite.
+    """
+    Xtr, ytr, Xval, yval = data
+    key = jax.random.PRNGKey(seed)
+    key, init_key = jax.random.split(key)
+    params = module.init(init_key, Xtr[:1])["params"]
+    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
+    opt_state = opt.init(params)
+    bs = min(int(batch_size), Xtr.shape[0])
+    n_batches = Xtr.shape[0] // bs
+
+    @jax.jit
+    def epoch(p, state, k):
+        order = jax.random.permutation(k, Xtr.shape[0])[: n_batches * bs].reshape(n_batches, bs)
+
+        def step(carry, idx):
+            p, state = carry
+            loss, g = jax.value_and_grad(loss_fn)(p, Xtr[idx], ytr[idx])
+            updates, state = opt.update(g, state, p)
+            return (optax.apply_updates(p, updates), state), loss
+
+        (p, state), losses = jax.lax.scan(step, (p, state), order)
+        return p, state, losses.mean(), loss_fn(p, Xval, yval)
+
+    best = (math.inf, params, 0)
+    bar = tqdm(range(int(max_epochs)), desc="source training", disable=not progress_bar)
+    ep = 0
+    for ep in bar:
+        key, k = jax.random.split(key)
+        params, opt_state, train_loss, val_loss = epoch(params, opt_state, k)
+        val_loss = float(val_loss)
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(
+                f"source training diverged at epoch {ep} (validation loss {val_loss}); "
+                "lower learning_rate"
+            )
+        if val_loss < best[0]:
+            best = (val_loss, params, ep)
+        bar.set_postfix(train=f"{float(train_loss):.4f}", val=f"{val_loss:.4f}")
+        if ep - best[2] >= patience:
+            break
+    bar.close()
+    return best[0], best[1], best[2], ep + 1
 
 
 def train_source(
@@ -560,51 +741,19 @@ def train_source(
     except TypeError:
         n_rows = 0
 
-    def check_activation() -> str:
-        if not isinstance(activation, str) or activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        return activation
-
-    def check_learning_rate() -> float:
-        lr = check_positive(learning_rate, "learning_rate")
-        if lr > 1.0:
-            raise ValueError(
-                f"learning_rate must be at most 1 (Adam on standardised data), got {lr!r}"
-            )
-        return lr
-
-    def check_validation_fraction() -> float:
-        fraction = check_probability(validation_fraction, "validation_fraction")
-        if n_rows and n_rows - max(1, int(round(fraction * n_rows))) < 1:
-            raise ValueError(
-                f"validation_fraction={fraction} leaves no training rows out of {n_rows}"
-            )
-        return fraction
-
-    def check_featurizer() -> dict[str, Any] | None:
-        if featurizer is None:
-            return None
-        if not isinstance(featurizer, dict):
-            raise ValueError(f"featurizer must be a dict or None, got {type(featurizer).__name__}")
-        try:
-            json.dumps(featurizer)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"featurizer must be JSON-serialisable: {exc}") from None
-        return featurizer
-
     checked, problems = collect_errors(
         lambda: check_Xy(X, y, min_rows=10),
         lambda: check_hidden(hidden),
-        check_activation,
-        check_learning_rate,
+        lambda: _check_activation(activation),
+        lambda: _check_learning_rate(learning_rate),
         lambda: check_nonnegative(weight_decay, "weight_decay"),
         lambda: check_integer(batch_size, "batch_size", minimum=1),
         lambda: check_integer(max_epochs, "max_epochs", minimum=1),
         lambda: check_integer(patience, "patience", minimum=0),
-        check_validation_fraction,
+        lambda: _check_validation_fraction(validation_fraction, n_rows),
         lambda: check_integer(n_reference, "n_reference", minimum=0),
         lambda: check_integer(seed, "seed", minimum=0),
-        check_featurizer,
+        lambda: _check_featurizer(featurizer),
     )
     if problems:
         if len(problems) == 1:
@@ -615,71 +764,36 @@ def train_source(
 
     rng = np.random.default_rng(seed)
     n = X.shape[0]
-    perm = rng.permutation(n)
-    n_val = max(1, int(round(validation_fraction * n)))
-    val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    x_mean = X[tr_idx].mean(0)
-    x_scale = X[tr_idx].std(0)
-    # a spread that float32 cannot hold (or that is rounding noise on the feature's magnitude)
-    # marks a constant feature: scaled by 1, so the saved model's x_scale stays positive
-    tiny = np.maximum(np.abs(x_mean), 1.0) * 1e-12
-    x_scale = np.where((x_scale > tiny) & (x_scale > np.finfo(np.float32).tiny), x_scale, 1.0)
+    tr_idx, val_idx, x_mean, x_scale = _split_and_scale(X, rng, validation_fraction)
+    n_val = val_idx.size
     y_mean = float(y[tr_idx].mean())
     y_scale = float(y[tr_idx].std()) or 1.0
     Xs = jnp.asarray((X - x_mean) / x_scale, dtype=jnp.float32)
     ys = jnp.asarray((y - y_mean) / y_scale, dtype=jnp.float32)
-    Xtr, ytr, Xval, yval = Xs[tr_idx], ys[tr_idx], Xs[val_idx], ys[val_idx]
-
     module = MLP(hidden=hidden, out=1, activation=activation)
-    key = jax.random.PRNGKey(seed)
-    key, init_key = jax.random.split(key)
-    params = module.init(init_key, Xtr[:1])["params"]
-    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
-    opt_state = opt.init(params)
-    bs = min(int(batch_size), Xtr.shape[0])
-    n_batches = Xtr.shape[0] // bs
 
     def loss_fn(p, xb, yb):
         return jnp.mean((module.apply({"params": p}, xb)[:, 0] - yb) ** 2)
 
-    @jax.jit
-    def epoch(p, state, k):
-        order = jax.random.permutation(k, Xtr.shape[0])[: n_batches * bs].reshape(n_batches, bs)
-
-        def step(carry, idx):
-            p, state = carry
-            loss, g = jax.value_and_grad(loss_fn)(p, Xtr[idx], ytr[idx])
-            updates, state = opt.update(g, state, p)
-            return (optax.apply_updates(p, updates), state), loss
-
-        (p, state), losses = jax.lax.scan(step, (p, state), order)
-        return p, state, losses.mean(), loss_fn(p, Xval, yval)
-
-    best = (math.inf, params, 0)
-    bar = tqdm(range(int(max_epochs)), desc="source training", disable=not progress_bar)
-    for ep in bar:
-        key, k = jax.random.split(key)
-        params, opt_state, train_loss, val_loss = epoch(params, opt_state, k)
-        val_loss = float(val_loss)
-        if not math.isfinite(val_loss):
-            raise FloatingPointError(
-                f"source training diverged at epoch {ep} (validation loss {val_loss}); "
-                "lower learning_rate"
-            )
-        if val_loss < best[0]:
-            best = (val_loss, params, ep)
-        bar.set_postfix(train=f"{float(train_loss):.4f}", val=f"{val_loss:.4f}")
-        if ep - best[2] >= patience:
-            break
-    bar.close()
-    val_mse, params, best_epoch = best
+    val_mse, params, best_epoch, epochs_run = _fit_adamw(
+        module,
+        loss_fn,
+        (Xs[tr_idx], ys[tr_idx], Xs[val_idx], ys[val_idx]),
+        seed=seed,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        patience=patience,
+        progress_bar=progress_bar,
+    )
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
     ref_idx = rng.choice(n, size=min(int(n_reference), n), replace=False)
     info: dict[str, Any] = {
         "n_train": int(tr_idx.size),
         "n_validation": int(n_val),
         "best_epoch": int(best_epoch),
-        "epochs_run": int(ep + 1),
+        "epochs_run": int(epochs_run),
         "validation_rmse": float(math.sqrt(val_mse) * y_scale),
         "seed": int(seed),
     }
@@ -783,21 +897,13 @@ def _head_apply(
     return apply
 
 
-def split_frozen_trunk(
-    source: SourceModel, tp: TransferParametrization
-) -> tuple[Callable[[Any], jax.Array], NetworkFn] | None:
-    r"""Split ``g(x; θ) = h(t(x); θ)`` when the transfer layers are the last ``k`` layers.
-
-    The first ``L − k`` layers are then frozen, so the trunk
-    ``t(x) = act(W_{L−k−1} ⋯ act(W_0 (x − m_x)/s_x + b_0) ⋯ + b_{L−k−1})`` is the same for every
-    ``θ`` and can be computed once per input; the head ``h(H; θ)`` (a :class:`NetworkFn` taking
-    ``H = t(X)`` instead of ``X``) is all a sampler needs to evaluate at each step. Returns
-    ``(trunk, head)``, or ``None`` when nothing is frozen below the transfer set or the set is
-    not a suffix of the layers.
-    """
+def _frozen_trunk(source: Any, layers: Sequence[str]) -> Callable[[Any], jax.Array] | None:
+    """The jitted trunk ``t(X)`` of ``source`` below the transfer ``layers`` (its frozen layers,
+    inputs scaled by ``x_mean, x_scale``), or ``None`` unless ``layers`` are the last ``k < L``
+    layers."""
     names = list(source.layer_names)
-    k = len(tp.layers)
-    if k == len(names) or tuple(names[-k:]) != tuple(tp.layers):
+    k = len(layers)
+    if k == len(names) or tuple(names[-k:]) != tuple(layers):
         return None
     frozen = names[: len(names) - k]
     params = {
@@ -814,9 +920,43 @@ def split_frozen_trunk(
             h = act(h @ params[n]["kernel"] + params[n]["bias"])
         return h
 
+    return lambda X: trunk(jnp.asarray(X, jnp.float32))
+
+
+def _layer_scales(subset: dict[str, Any], scale: str) -> jax.Array:
+    """The flat float32 per-parameter scales of the layers ``subset``: ``1/sqrt(fan_in)`` of
+    each layer for ``scale="fan_in"``, else 1."""
+    scales_tree = {
+        k: jax.tree_util.tree_map(
+            lambda a, fan=v["kernel"].shape[0]: jnp.full(
+                np.shape(a), 1.0 / math.sqrt(fan) if scale == "fan_in" else 1.0, jnp.float32
+            ),
+            v,
+        )
+        for k, v in subset.items()
+    }
+    scales, _ = ravel_pytree(scales_tree)
+    return scales
+
+
+def split_frozen_trunk(
+    source: SourceModel, tp: TransferParametrization
+) -> tuple[Callable[[Any], jax.Array], NetworkFn] | None:
+    r"""Split ``g(x; θ) = h(t(x); θ)`` when the transfer layers are the last ``k`` layers.
+
+    The first ``L − k`` layers are then frozen, so the trunk
+    ``t(x) = act(W_{L−k−1} ⋯ act(W_0 (x − m_x)/s_x + b_0) ⋯ + b_{L−k−1})`` is the same for every
+    ``θ`` and can be computed once per input; the head ``h(H; θ)`` (a :class:`NetworkFn` taking
+    ``H = t(X)`` instead of ``X``) is all a sampler needs to evaluate at each step. Returns
+    ``(trunk, head)``, or ``None`` when nothing is frozen below the transfer set or the set is
+    not a suffix of the layers.
+    """
+    trunk = _frozen_trunk(source, tp.layers)
+    if trunk is None:
+        return None
     aux = {"y_mean": tp.predict_fn.aux["y_mean"], "y_scale": tp.predict_fn.aux["y_scale"]}
     apply = _head_apply(tuple(source.hidden), source.activation, source.n_features, tp.layers)
-    return (lambda X: trunk(jnp.asarray(X, jnp.float32))), NetworkFn(apply, aux)
+    return trunk, NetworkFn(apply, aux)
 
 
 def resolve_transfer_layers(source: SourceModel, transfer_layers: Any) -> tuple[str, ...]:
@@ -864,16 +1004,7 @@ def transfer_parametrization(
     subset = {k: source.params[k] for k in layers}
     theta0, _ = ravel_pytree(jax.tree_util.tree_map(jnp.asarray, subset))
     theta0 = theta0.astype(jnp.float32)
-    scales_tree = {
-        k: jax.tree_util.tree_map(
-            lambda a, fan=v["kernel"].shape[0]: jnp.full(
-                a.shape, 1.0 / math.sqrt(fan) if scale == "fan_in" else 1.0, jnp.float32
-            ),
-            v,
-        )
-        for k, v in subset.items()
-    }
-    scales, _ = ravel_pytree(scales_tree)
+    scales = _layer_scales(subset, scale)
     aux = {
         "frozen": jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), frozen),
         "x_mean": jnp.asarray(source.x_mean, jnp.float32),

@@ -17,11 +17,6 @@ module, reused here), which is what ``transfer_layers`` refers to in
 from __future__ import annotations
 
 import json
-import math
-import os
-import tempfile
-import zipfile
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -33,24 +28,31 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
-from tqdm import tqdm
 
 from pcbtl._validation import (
+    check_hidden,
     check_integer,
     check_nonnegative,
-    check_positive,
-    check_probability,
     check_X,
     collect_errors,
-    json_depth,
 )
 from pcbtl.networks import (
     ACTIVATIONS,
     MLP,
     NetworkFn,
-    _fsync_directory,
-    _new_file_mode,
-    _read_npy_member,
+    _check_activation,
+    _check_featurizer,
+    _check_layer_shapes,
+    _check_learning_rate,
+    _check_validation_fraction,
+    _fit_adamw,
+    _frozen_trunk,
+    _layer_scales,
+    _load_file,
+    _read_archive,
+    _read_network_header,
+    _save_archive,
+    _split_and_scale,
     resolve_transfer_layers,
 )
 
@@ -67,8 +69,6 @@ FORMAT_NAME = "pcbtl.SourceClassifier"
 FORMAT_VERSION = 1
 #: most bytes :meth:`SourceClassifier.load` reads from one file (all its arrays together)
 MAX_MODEL_BYTES = 1 << 30
-_MAX_HEADER_CHARS = 4 << 20
-_MAX_HEADER_DEPTH = 64
 #: dtype kinds a label array may have: integers, unsigned, bools, floats, unicode strings
 _LABEL_KINDS = "iubfU"
 
@@ -235,7 +235,6 @@ class SourceClassifier:
         mix, and concurrent saves of one path do not collide. ``ValueError`` when ``info`` is
         not JSON-serialisable.
         """
-        path = Path(path)
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -251,29 +250,7 @@ class SourceClassifier:
             raise ValueError(
                 f"cannot save the classifier: info and classes must be JSON-serialisable ({exc})"
             ) from exc
-        arrays: dict[str, np.ndarray] = {
-            "__meta__": np.array(header),
-            "x_mean": np.asarray(self.x_mean),
-            "x_scale": np.asarray(self.x_scale),
-            "reference_X": np.asarray(self.reference_X),
-        }
-        for layer, leaves in self.params.items():
-            for name, value in leaves.items():
-                arrays[f"params/{layer}/{name}"] = np.asarray(value)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        tmp = Path(tmp_name)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, _new_file_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_directory(path.parent)
-        return path
+        return _save_archive(Path(path), header, self)
 
     @classmethod
     def load(cls, path: str | Path) -> SourceClassifier:
@@ -297,87 +274,23 @@ class SourceClassifier:
         ValueError
             A corrupt, foreign or inconsistent file (the message names the file).
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no source classifier file at {path}")
-        try:
-            return cls._load_checked(path)
-        except ValueError as exc:
-            raise ValueError(f"{path} is not a valid pcbtl SourceClassifier file: {exc}") from None
-        except (
-            zipfile.BadZipFile,
-            zipfile.LargeZipFile,
-            NotImplementedError,
-            OSError,
-            EOFError,
-            zlib.error,
-            KeyError,
-            TypeError,
-            RecursionError,
-            MemoryError,
-        ) as exc:
-            raise ValueError(
-                f"{path} is not a valid pcbtl SourceClassifier file: {type(exc).__name__}: {exc}"
-            ) from None
+        return _load_file(
+            path, cls._load_checked, label="SourceClassifier", missing="source classifier"
+        )
 
     @classmethod
     def _load_checked(cls, path: Path) -> SourceClassifier:
-        with zipfile.ZipFile(path) as zf:
-            members: dict[str, zipfile.ZipInfo] = {}
-            for item in zf.infolist():
-                if not item.filename.endswith(".npy") or item.filename[:-4] in members:
-                    raise ValueError(f"unexpected or repeated archive member {item.filename!r}")
-                members[item.filename[:-4]] = item
-            total = sum(item.file_size for item in members.values())
-            if total > MAX_MODEL_BYTES:
-                raise ValueError(f"its arrays take {total} bytes, more than {MAX_MODEL_BYTES}")
-            if "__meta__" not in members:
-                raise ValueError("missing header (__meta__)")
-            if members["__meta__"].file_size > 4 * _MAX_HEADER_CHARS + 4096:
-                raise ValueError(f"the header is larger than {_MAX_HEADER_CHARS} characters")
-            meta = _read_header(_read_npy_member(zf, members["__meta__"], "__meta__"))
-            hidden = meta["hidden"]
-            layers = [f"hidden_{i}" for i in range(len(hidden))] + ["output"]
-            expected = ["x_mean", "x_scale", "reference_X"] + [
-                f"params/{layer}/{leaf}" for layer in layers for leaf in ("kernel", "bias")
-            ]
-            missing = [k for k in expected if k not in members]
-            unexpected = sorted(set(members) - set(expected) - {"__meta__"})
-            if missing or unexpected:
-                raise ValueError(
-                    f"its arrays do not match the declared architecture hidden={hidden}: "
-                    f"missing {missing[:6]}, unexpected {unexpected[:6]}"
-                )
-            arrays = {k: _read_npy_member(zf, members[k], k) for k in expected}
-        for key, arr in arrays.items():
-            if arr.dtype.kind not in "fiu":
-                raise ValueError(f"array {key} has dtype {arr.dtype}, not a number type")
-            if not np.all(np.isfinite(arr)):
-                raise ValueError(f"array {key} contains NaN or infinity")
-            if arr.dtype.kind in "iu":
-                arrays[key] = arr.astype(np.float64)
+        meta, layers, arrays = _read_archive(path, _read_header, max_bytes=MAX_MODEL_BYTES)
+        hidden, classes = meta["hidden"], meta["classes"]
         x_mean, x_scale, reference_X = arrays["x_mean"], arrays["x_scale"], arrays["reference_X"]
-        if x_mean.ndim != 1 or x_mean.size < 1:
-            raise ValueError(f"x_mean must be a non-empty vector, got shape {x_mean.shape}")
         d = x_mean.shape[0]
-        if x_scale.shape != (d,):
-            raise ValueError(f"x_scale has shape {x_scale.shape} but x_mean has shape {(d,)}")
-        if not np.all(x_scale > 0):
-            raise ValueError("x_scale must be positive")
-        if reference_X.ndim != 2 or reference_X.shape[1] != d:
-            raise ValueError(f"reference_X must have shape (m, {d}), got {reference_X.shape}")
-        classes = meta["classes"]
-        n_out = 1 if len(classes) == 2 else len(classes)
-        fan_in = d
-        for layer, fan_out in zip(layers, [*hidden, n_out], strict=True):
-            for leaf, shape in (("kernel", (fan_in, fan_out)), ("bias", (fan_out,))):
-                key = f"params/{layer}/{leaf}"
-                if arrays[key].shape != shape:
-                    raise ValueError(
-                        f"array {key} has shape {arrays[key].shape} but the header (hidden="
-                        f"{hidden}, {len(classes)} classes, {d} features) gives it {shape}"
-                    )
-            fan_in = fan_out
+        _check_layer_shapes(
+            arrays,
+            layers,
+            [*hidden, 1 if len(classes) == 2 else len(classes)],
+            d,
+            f"the header (hidden={hidden}, {len(classes)} classes, {d} features)",
+        )
         params = {
             layer: {
                 leaf: np.asarray(arrays[f"params/{layer}/{leaf}"], np.float32)
@@ -399,39 +312,7 @@ class SourceClassifier:
 
 def _read_header(arr: np.ndarray) -> dict[str, Any]:
     """The checked JSON header of a classifier file (see :meth:`SourceClassifier.load`)."""
-    if arr.dtype.kind != "U" or arr.shape != ():
-        raise ValueError(f"the header __meta__ must be a string, got {arr.dtype} {arr.shape}")
-    text = str(arr[()])
-    if len(text) > _MAX_HEADER_CHARS:
-        raise ValueError(f"the header holds {len(text)} characters (limit {_MAX_HEADER_CHARS})")
-    depth = json_depth(text)
-    if depth > _MAX_HEADER_DEPTH:
-        raise ValueError(f"the header JSON is nested {depth} deep (limit {_MAX_HEADER_DEPTH})")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"the header is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"the header must be a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT_NAME!r}")
-    if meta.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"format version {meta.get('version')} is not supported "
-            f"(this pcbtl reads version {FORMAT_VERSION})"
-        )
-    hidden = meta.get("hidden")
-    if not (
-        isinstance(hidden, list)
-        and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)
-    ):
-        raise ValueError(f"hidden must be a list of positive integer widths, got {hidden!r}")
-    activation = meta.get("activation")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    info = meta.get("info", {})
-    if not isinstance(info, dict):
-        raise ValueError(f"info must be a JSON object, got {type(info).__name__}")
+    meta, checked = _read_network_header(arr, FORMAT_NAME, FORMAT_VERSION)
     raw, dtype_str = meta.get("classes"), meta.get("classes_dtype")
     if not isinstance(raw, list) or not all(isinstance(c, str | int | float | bool) for c in raw):
         raise ValueError("classes must be a JSON list of numbers or strings")
@@ -449,7 +330,7 @@ def _read_header(arr: np.ndarray) -> dict[str, Any]:
         raise ValueError(f"classes must hold at least two distinct labels, got {raw[:10]!r}")
     if np.any(classes[1:] < classes[:-1]):
         raise ValueError("classes must be sorted")
-    return {"hidden": hidden, "activation": activation, "classes": classes, "info": info}
+    return {**checked, "classes": classes}
 
 
 def full_logits(logits: jax.Array) -> jax.Array:
@@ -529,54 +410,19 @@ def train_source_classifier(
             raise ValueError("y must hold at least two distinct classes")
         return Xc, yc
 
-    def check_hidden() -> tuple[int, ...]:
-        if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence | np.ndarray):
-            raise ValueError(f"hidden must be a sequence of layer widths, got {hidden!r}")
-        return tuple(check_integer(h, f"hidden[{i}]", minimum=1) for i, h in enumerate(hidden))
-
-    def check_activation() -> str:
-        if not isinstance(activation, str) or activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        return activation
-
-    def check_learning_rate() -> float:
-        lr = check_positive(learning_rate, "learning_rate")
-        if lr > 1.0:
-            raise ValueError(f"learning_rate must be at most 1, got {lr!r}")
-        return lr
-
-    def check_validation_fraction() -> float:
-        fraction = check_probability(validation_fraction, "validation_fraction")
-        if n_rows and n_rows - max(1, int(round(fraction * n_rows))) < 1:
-            raise ValueError(
-                f"validation_fraction={fraction} leaves no training rows out of {n_rows}"
-            )
-        return fraction
-
-    def check_featurizer() -> dict[str, Any] | None:
-        if featurizer is None:
-            return None
-        if not isinstance(featurizer, dict):
-            raise ValueError(f"featurizer must be a dict or None, got {type(featurizer).__name__}")
-        try:
-            json.dumps(featurizer)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"featurizer must be JSON-serialisable: {exc}") from None
-        return featurizer
-
     checked, problems = collect_errors(
         check_data,
-        check_hidden,
-        check_activation,
-        check_learning_rate,
+        lambda: check_hidden(hidden),
+        lambda: _check_activation(activation),
+        lambda: _check_learning_rate(learning_rate),
         lambda: check_nonnegative(weight_decay, "weight_decay"),
         lambda: check_integer(batch_size, "batch_size", minimum=1),
         lambda: check_integer(max_epochs, "max_epochs", minimum=1),
         lambda: check_integer(patience, "patience", minimum=0),
-        check_validation_fraction,
+        lambda: _check_validation_fraction(validation_fraction, n_rows),
         lambda: check_integer(n_reference, "n_reference", minimum=0),
         lambda: check_integer(seed, "seed", minimum=0),
-        check_featurizer,
+        lambda: _check_featurizer(featurizer),
     )
     if problems:
         if len(problems) == 1:
@@ -591,25 +437,12 @@ def train_source_classifier(
     n_out = 1 if classes.size == 2 else int(classes.size)
     rng = np.random.default_rng(seed)
     n = X.shape[0]
-    perm = rng.permutation(n)
-    n_val = max(1, int(round(validation_fraction * n)))
-    val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    x_mean = X[tr_idx].mean(0)
-    x_scale = X[tr_idx].std(0)
-    tiny = np.maximum(np.abs(x_mean), 1.0) * 1e-12
-    x_scale = np.where((x_scale > tiny) & (x_scale > np.finfo(np.float32).tiny), x_scale, 1.0)
+    tr_idx, val_idx, x_mean, x_scale = _split_and_scale(X, rng, validation_fraction)
+    n_val = val_idx.size
     Xs = jnp.asarray((X - x_mean) / x_scale, dtype=jnp.float32)
     ys = jnp.asarray(y_idx, dtype=jnp.int32)
-    Xtr, ytr, Xval, yval = Xs[tr_idx], ys[tr_idx], Xs[val_idx], ys[val_idx]
-
+    Xval, yval = Xs[val_idx], ys[val_idx]
     module = MLP(hidden=hidden, out=n_out, activation=activation)
-    key = jax.random.PRNGKey(seed)
-    key, init_key = jax.random.split(key)
-    params = module.init(init_key, Xtr[:1])["params"]
-    opt = optax.adamw(learning_rate, weight_decay=weight_decay)
-    opt_state = opt.init(params)
-    bs = min(int(batch_size), Xtr.shape[0])
-    n_batches = Xtr.shape[0] // bs
 
     def loss_fn(p, xb, yb):
         logits = module.apply({"params": p}, xb)
@@ -621,45 +454,25 @@ def train_source_classifier(
         logits = full_logits(module.apply({"params": p}, xb))
         return jnp.mean(jnp.argmax(logits, axis=-1) == yb)
 
-    @jax.jit
-    def epoch(p, state, k):
-        order = jax.random.permutation(k, Xtr.shape[0])[: n_batches * bs].reshape(n_batches, bs)
-
-        def step(carry, idx):
-            p, state = carry
-            loss, g = jax.value_and_grad(loss_fn)(p, Xtr[idx], ytr[idx])
-            updates, state = opt.update(g, state, p)
-            return (optax.apply_updates(p, updates), state), loss
-
-        (p, state), losses = jax.lax.scan(step, (p, state), order)
-        return p, state, losses.mean(), loss_fn(p, Xval, yval)
-
-    best = (math.inf, params, 0)
-    bar = tqdm(range(int(max_epochs)), desc="source training", disable=not progress_bar)
-    ep = 0
-    for ep in bar:
-        key, k = jax.random.split(key)
-        params, opt_state, train_loss, val_loss = epoch(params, opt_state, k)
-        val_loss = float(val_loss)
-        if not math.isfinite(val_loss):
-            raise FloatingPointError(
-                f"source training diverged at epoch {ep} (validation loss {val_loss}); "
-                "lower learning_rate"
-            )
-        if val_loss < best[0]:
-            best = (val_loss, params, ep)
-        bar.set_postfix(train=f"{float(train_loss):.4f}", val=f"{val_loss:.4f}")
-        if ep - best[2] >= patience:
-            break
-    bar.close()
-    val_loss, params, best_epoch = best
+    val_loss, params, best_epoch, epochs_run = _fit_adamw(
+        module,
+        loss_fn,
+        (Xs[tr_idx], ys[tr_idx], Xval, yval),
+        seed=seed,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        patience=patience,
+        progress_bar=progress_bar,
+    )
     params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), jax.device_get(params))
     ref_idx = rng.choice(n, size=min(int(n_reference), n), replace=False)
     info: dict[str, Any] = {
         "n_train": int(tr_idx.size),
         "n_validation": int(n_val),
         "best_epoch": int(best_epoch),
-        "epochs_run": int(ep + 1),
+        "epochs_run": int(epochs_run),
         "validation_log_loss": float(val_loss),
         "validation_accuracy": float(accuracy(params, Xval, yval)),
         "seed": int(seed),
@@ -754,16 +567,7 @@ def logit_parametrization(
     layers = resolve_transfer_layers(source, transfer_layers)
     subset = {k: source.params[k] for k in layers}
     theta0, _ = ravel_pytree(jax.tree_util.tree_map(jnp.asarray, subset))
-    scales_tree = {
-        k: jax.tree_util.tree_map(
-            lambda a, fan=v["kernel"].shape[0]: jnp.full(
-                np.shape(a), 1.0 / math.sqrt(fan) if scale == "fan_in" else 1.0, jnp.float32
-            ),
-            v,
-        )
-        for k, v in subset.items()
-    }
-    scales, _ = ravel_pytree(scales_tree)
+    scales = _layer_scales(subset, scale)
     aux = {
         "frozen": {
             k: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), v)
@@ -784,26 +588,10 @@ def split_logit_trunk(
 ) -> tuple[Callable[[Any], jax.Array], NetworkFn] | None:
     """``(trunk, head)`` with ``g(x; θ) = head(θ, trunk(x))`` when the transfer layers are the
     last ``k < L`` layers (the frozen trunk is then computed once per input); else ``None``."""
-    names = list(source.layer_names)
-    k = len(lp.layers)
-    if k == len(names) or tuple(names[-k:]) != tuple(lp.layers):
+    trunk = _frozen_trunk(source, lp.layers)
+    if trunk is None:
         return None
-    frozen = names[: len(names) - k]
-    params = {
-        n: {a: jnp.asarray(v, jnp.float32) for a, v in source.params[n].items()} for n in frozen
-    }
-    act = ACTIVATIONS[source.activation]
-    x_mean = jnp.asarray(source.x_mean, jnp.float32)
-    x_scale = jnp.asarray(source.x_scale, jnp.float32)
-
-    @jax.jit
-    def trunk(X: jax.Array) -> jax.Array:
-        h = (X - x_mean) / x_scale
-        for n in frozen:
-            h = act(h @ params[n]["kernel"] + params[n]["bias"])
-        return h
-
     apply = _head_logit_apply(
         tuple(source.hidden), source.activation, source.n_features, source.n_outputs, lp.layers
     )
-    return (lambda X: trunk(jnp.asarray(X, jnp.float32))), NetworkFn(apply, {})
+    return trunk, NetworkFn(apply, {})
