@@ -673,8 +673,6 @@ class MultiTaskRegressor(PosteriorRegressor):
                 keep = np.sort(np.random.default_rng(self.seed).choice(len(ys), max_rows, False))
                 Xs, ys = Xs[keep], ys[keep]
         Xa, ya, task = _stack_tasks(X, Y, Xs, ys)
-        self.n_source_rows_ = int((task == 0).sum())
-        self.n_target_rows_ = int((task == 1).sum())
         return X, Xa, ya, task, t0
 
     def fit(self, X: Any, y: Any) -> MultiTaskRegressor:
@@ -682,7 +680,7 @@ class MultiTaskRegressor(PosteriorRegressor):
         X_in = X
         X, Xa, ya, task, t0 = self._stack(X, y)
         if self.base == "rf":
-            self.forest_ = _fit_forest(
+            forest = _fit_forest(
                 Xa,
                 ya,
                 n_estimators=self.n_estimators,
@@ -690,14 +688,21 @@ class MultiTaskRegressor(PosteriorRegressor):
                 seed=self.seed,
                 noise_rows=task == 1,
             )
+            # stored only once the fit has succeeded: a failed refit keeps the previous model
+            self.forest_ = forest
             self.fit_seconds_ = time.perf_counter() - t0
             self.n_features_in_ = X.shape[1]
+            self._record_rows(task)
         else:
             plan = self._bnn_plan(Xa, ya, task, t0)
             posterior = run_plans([plan], progress_bar=self.progress_bar)[0]
             plan.complete(posterior, seconds=time.perf_counter() - t0)
         self._record_features(X_in)
         return self
+
+    def _record_rows(self, task: np.ndarray) -> None:
+        self.n_source_rows_ = int((task == 0).sum())
+        self.n_target_rows_ = int((task == 1).sum())
 
     def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
         _, Xa, ya, task, t0 = self._stack(X, y)
@@ -725,6 +730,7 @@ class MultiTaskRegressor(PosteriorRegressor):
                 raise FloatingPointError("non-finite posterior draws of sigma; fit failed")
             tgt = task == 1
             self.idata_ = self._finish(posterior, Xa[tgt][:, :-1], ya[tgt], tp, affine=affine)
+            self._record_rows(task)
             self.y_affine_ = affine
             self._state = tp
             self._architecture = (

@@ -354,3 +354,27 @@ def test_the_hurdle_checks_its_classifier_at_fit(task, source, classifier):
     y[:10] = 0
     with pytest.raises(ValueError, match="classifier must be None .* or a scikit-learn classifier"):
         HurdleRegressor(reg, classifier=classifier).fit(task.X_target, y)
+
+
+def test_a_multitask_forest_refit_that_fails_changes_nothing(task, source, monkeypatch):
+    # row 20: the row counts were set before the forest was grown, so a refit that failed there
+    # left n_target_rows_ of the new data beside the old forest
+    import importlib
+
+    import pcbtl
+
+    pm = importlib.import_module("pcbtl.methods")  # pcbtl.methods is also the function
+
+    src = {"source_X": task.X_source[:200], "source_y": task.y_source[:200]}
+    est = pcbtl.make_method("multitask-rf", source, n_estimators=20, **src)
+    est.fit(task.X_target, task.y_target)
+    before = {k: v for k, v in vars(est).items() if k.endswith("_")}
+
+    def broken(*args, **kwargs):
+        raise MemoryError("forest could not be grown")
+
+    monkeypatch.setattr(pm, "_fit_forest", broken)
+    with pytest.raises(MemoryError):
+        est.fit(task.X_target[:30], task.y_target[:30])
+    after = {k: v for k, v in vars(est).items() if k.endswith("_")}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
