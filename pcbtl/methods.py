@@ -1195,7 +1195,8 @@ def fit_replicates(
         for r, post in zip(rs, run_plans([again[r] for r in rs], devices=devices), strict=True):
             plans[r], posts[r] = again[r], post
     share = (time.perf_counter() - t0) / len(plans)
-    for est, post, plan in zip(estimators, posts, plans, strict=True):
+    for est, post, plan, (X, _) in zip(estimators, posts, plans, datasets, strict=True):
         plan.complete(post, seconds=plan.setup_seconds + share)
+        est._record_features(X)  # feature_names_in_ of a DataFrame, as fit() sets it
         est.batched_ = True
     return estimators

@@ -228,7 +228,11 @@ def test_batched_replicates_match_one_by_one_fits(task, source):
     # two single fits with different seeds at 200 draws: 0.007-0.023 RMS; tolerance 0.05. And
     # each batched replicate is closer to its own single fit than to the other replicate's
     # (the batch did not mix up the data sets).
-    data = [(task.X_target[:40], task.y_target[:40]), (task.X_target[20:], task.y_target[20:])]
+    pd = pytest.importorskip("pandas")
+    columns = [f"x{j}" for j in range(task.X_target.shape[1])]
+    frame = pd.DataFrame(task.X_target, columns=columns)
+    data = [(frame.iloc[:40], task.y_target[:40]), (frame.iloc[20:], task.y_target[20:])]
+    X_test = pd.DataFrame(task.X_test, columns=columns)
     opts = {"num_warmup": 200, "num_samples": 200, "num_chains": 2}
     for cls_name in ("bayes-last-layer", "pc-last-layer"):
         batch = [make_method(cls_name, source, **opts, seed=s) for s in (0, 1)]
@@ -238,11 +242,12 @@ def test_batched_replicates_match_one_by_one_fits(task, source):
             make_method(cls_name, source, **opts, seed=s).fit(X, y)
             for (X, y), s in zip(data, (0, 1), strict=True)
         ]
-        preds = [e.predict(task.X_test) for e in singles]
+        preds = [e.predict(X_test) for e in singles]
         for r, est in enumerate(batch):
             assert est.batched_
-            own = np.sqrt(np.mean((est.predict(task.X_test) - preds[r]) ** 2))
-            other = np.sqrt(np.mean((est.predict(task.X_test) - preds[1 - r]) ** 2))
+            assert list(est.feature_names_in_) == columns  # as fit() records them
+            own = np.sqrt(np.mean((est.predict(X_test) - preds[r]) ** 2))
+            other = np.sqrt(np.mean((est.predict(X_test) - preds[1 - r]) ** 2))
             assert own < 0.05 and own < other, (cls_name, r, own, other)
             assert idata_group(est.idata_, "posterior").sizes["draw"] == 200
             assert idata_group(est.idata_, "posterior").sizes["chain"] == 2
