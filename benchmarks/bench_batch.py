@@ -2,13 +2,13 @@
 
 Same task, model (last-layer PC prior), data sets, warm-up, draws and seeds in every variant:
 
-* ``vmapped``: :func:`pcbtl.methods.run_nuts_batched` — one jitted ``vmap`` over replicates of
+* ``vmapped``: :func:`pcbtl.inference.run_nuts_batched` — one jitted ``vmap`` over replicates of
   NumPyro's functional NUTS kernel (each replicate adapts its own step size and mass matrix);
 * ``loop run_nuts``: :func:`pcbtl.run_nuts` per replicate (a fresh ``numpyro.infer.MCMC`` per
   fit, what a user looping over fits does; each call compiles);
 * ``loop one MCMC``: one ``MCMC`` object re-run on each data set (``jit_model_args=True``: the
   compiled sampler is reused, the strongest loop baseline);
-* ``estimators``: the estimator level, :func:`pcbtl.methods.fit_replicates` (vmapped, with set-up
+* ``estimators``: the estimator level, :func:`pcbtl.estimators.registry.fit_replicates` (vmapped, with set-up
   and ArviZ export) against ``PCTransferRegressor.fit`` in a loop.
 
 Wall times include compilation (a job pays it once; the loop pays it per call unless the MCMC
@@ -34,7 +34,8 @@ import numpyro
 from numpyro.infer import MCMC, NUTS, init_to_median
 
 import pcbtl
-from pcbtl.methods import fit_replicates, make_method, run_nuts_batched
+from pcbtl.estimators.registry import fit_replicates, make_method
+from pcbtl.inference import run_nuts_batched
 from pcbtl.models import last_layer_pc_model
 
 QUICK = {"R": 4, "n_target": 100, "warmup": 50, "samples": 50, "hidden": (8,), "epochs": 30}

@@ -328,8 +328,8 @@ def _bandgap_case(cfg):
     import numpy as np
 
     import pcbtl
-    from pcbtl.bandgap import load_bandgap_tables
-    from pcbtl.features import CompositionFeaturizer
+    from pcbtl.materials.bandgap import load_bandgap_tables
+    from pcbtl.materials.features import CompositionFeaturizer
 
     data = Path(os.environ.get("PCBTL_SHARED_DATA", HERE.parent.parent / "shared" / "data"))
     if not (data / "bandgap" / "matbench_expt_gap.csv").is_file():

@@ -59,9 +59,9 @@ def _rhat_ess(draws: np.ndarray):
 
 def fit_one(source, X, y, Xte, yte, sampler: str, seed: int) -> tuple[dict, np.ndarray]:
     """Fit the hurdle with one sampler and seed; the row of figures and the point predictions."""
-    from pcbtl.bandgap import _metal_features, _scores
-    from pcbtl.hurdle import HurdleRegressor
-    from pcbtl.transfer import PCTransferRegressor
+    from pcbtl.estimators.hurdle import HurdleRegressor
+    from pcbtl.estimators.pc import PCTransferRegressor
+    from pcbtl.materials.bandgap import _metal_features, _scores
 
     options = dict(SAMPLER_OPTIONS[sampler])
     reg = PCTransferRegressor(
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
-    from pcbtl.bandgap import load_bandgap_tables
-    from pcbtl.features import CompositionFeaturizer
+    from pcbtl.materials.bandgap import load_bandgap_tables
+    from pcbtl.materials.features import CompositionFeaturizer
     from pcbtl.networks import SourceModel, train_source
 
     out = Path(args.out)

@@ -4,10 +4,10 @@
         --out benchmarks/results/hurdle
 
 Fits the classifier of :class:`pcbtl.HurdleRegressor` exactly as the band-gap application
-(``pcbtl bandgap``) builds it — :func:`pcbtl.hurdle.zero_classifier` (default
+(``pcbtl bandgap``) builds it — :func:`pcbtl.estimators.hurdle.zero_classifier` (default
 ``HistGradientBoostingClassifier``) on the composition features of
-:class:`pcbtl.features.CompositionFeaturizer` plus the source network's PBE-gap prediction
-(``pcbtl.bandgap._metal_features``), target ``metal = (gap == 0)`` — with each ``calibration``
+:class:`pcbtl.materials.features.CompositionFeaturizer` plus the source network's PBE-gap prediction
+(``pcbtl.materials.bandgap._metal_features``), target ``metal = (gap == 0)`` — with each ``calibration``
 option (``None``, ``"sigmoid"``, ``"isotonic"``), on Matbench's folds
 ``KFold(5, shuffle=True, random_state=18012019)``. On each held-out fold it reports log loss,
 Brier score, expected calibration error (10 equal-width bins) and the reliability of the
@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import sklearn
 
-    from pcbtl.bandgap import MATBENCH_SEED, _metal_features, load_bandgap_tables
-    from pcbtl.features import CompositionFeaturizer
-    from pcbtl.hurdle import zero_classifier
+    from pcbtl.estimators.hurdle import zero_classifier
+    from pcbtl.materials.bandgap import MATBENCH_SEED, _metal_features, load_bandgap_tables
+    from pcbtl.materials.features import CompositionFeaturizer
     from pcbtl.networks import train_source
 
     def say(msg: str) -> None:
@@ -157,7 +157,7 @@ def report(rows, cals, hidden, source, n_source, n_target, source_seconds, secon
         f"{date.today().isoformat()}; {{versions}}. Source network {hidden} "
         f"on {n_source:,} MP PBE gaps (validation RMSE {source.noise_sd:.3f} eV, "
         f"{source_seconds:.0f} s); {n_target:,} experimental gaps, metal = (gap == 0); "
-        f"classifier `pcbtl.hurdle.zero_classifier(None, calibration)` on the composition "
+        f"classifier `pcbtl.estimators.hurdle.zero_classifier(None, calibration)` on the composition "
         f"features + the source prediction, as in `pcbtl bandgap`; "
         f"KFold(5, shuffle=True, random_state=18012019); {seconds:.0f} s in all. "
         "Produced by `python benchmarks/hurdle_calibration.py`.",
@@ -219,7 +219,7 @@ def report(rows, cals, hidden, source, n_source, n_target, source_seconds, secon
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {' / '.join(wins)} of {len(folds)} |"
         )
-    from pcbtl.hurdle import HurdleRegressor
+    from pcbtl.estimators.hurdle import HurdleRegressor
 
     default = inspect.signature(HurdleRegressor).parameters["calibration"].default
     lines += [

@@ -1,8 +1,8 @@
-"""Driver of the simulation study (the code lives in :mod:`pcbtl.study`).
+"""Driver of the simulation study (the code lives in :mod:`pcbtl.jobs.study`).
 
 Full study (δ ∈ {0, 0.5, 1, 2, unrelated} × n_T ∈ {25, 50, 100, 250, 500}, 20 replicates,
 n_S = 5,000, 2,000 test points, every method of ``pcbtl.methods()``; budgets of
-``pcbtl.study.StudyConfig``: source network (16, 16), learner networks (16,), NUTS 150 + 150 draws
+``pcbtl.jobs.study.StudyConfig``: source network (16, 16), learner networks (16,), NUTS 150 + 150 draws
 with tree depth ≤ 7 for every network, forests of 100 trees on 1,000 source rows):
 
     python benchmarks/simulation_study.py --out benchmarks/results/simulation_full

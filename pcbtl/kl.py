@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from pcbtl.networks import NetworkFn
+
 __all__ = [
     "gaussian_kl",
     "bernoulli_kl",
@@ -214,7 +216,6 @@ def distance_curve(
 
 
 def _is_pytree_fn(fn: Any) -> bool:
-    from pcbtl.networks import NetworkFn
 
     return isinstance(fn, NetworkFn)
 

@@ -124,7 +124,7 @@ def last_layer_pc_model(
     centred: bool = False,
     rate_log_sd: float | None = None,
 ) -> None:
-    r"""Last-layer PC transfer model (DESIGN.md §2 (a)).
+    r"""Last-layer PC transfer model (:class:`pcbtl.priors.LastLayerPC`).
 
     Body frozen at ``θ_S``; head ``β ∈ R^p`` (bias last) with the sphere PC prior given ``σ``:
 
@@ -173,7 +173,7 @@ def scale_pc_model(
     *,
     centred: bool = False,
 ) -> None:
-    r"""Scale PC transfer model over a chosen transfer set (DESIGN.md §2 (b)).
+    r"""Scale PC transfer model over a chosen transfer set (:class:`pcbtl.priors.ScalePC`).
 
         τ ~ ScalePC(r̂, σ, λ)  ⇔  d = r̂(τ)/σ ~ Exp(λ),   ε ~ N(0, I_D)
         θ = θ_S + τ s⊙ε,   y_i ~ N(g(x_i; θ), σ²)
@@ -248,3 +248,39 @@ def bnn_model(
     theta = numpyro.sample("theta", dist.Normal(loc, prior_scale).to_event(1))
     if X is not None and y is not None:
         numpyro.sample("y", dist.Normal(predict_fn(theta, X), sigma), obs=y)
+
+
+def bayes_last_layer_model(beta_source, tau_scale, sigma_scale, stats=None) -> None:
+    r"""Bayesian last layer centred at the source head, non-centred:
+
+        σ ~ HalfNormal(sigma_scale),  τ ~ HalfNormal(tau_scale),  z ~ N(0, I_p),
+        β = β_S + τ z,   y ~ N(Φβ, σ² I)
+
+    with the likelihood from the QR sufficient statistics ``stats`` measured from ``β₀ = β_S``
+    (:func:`pcbtl.models.last_layer_sufficient_stats` with ``beta_ref = β_S``, so the
+    likelihood sees ``δ = β − β_S = τ z``; :func:`pcbtl.models.gaussian_loglik_suffstats`;
+    ``None``: prior only).
+    Sites ``sigma``, ``tau``, ``z`` and the deterministic ``beta``.
+    """
+    sigma = numpyro.sample("sigma", dist.HalfNormal(sigma_scale))
+    tau = numpyro.sample("tau", dist.HalfNormal(tau_scale))
+    z = numpyro.sample("z", dist.Normal(jnp.zeros_like(beta_source), 1.0).to_event(1))
+    numpyro.deterministic("beta", beta_source + tau * z)
+    if stats is not None:
+        numpyro.factor("loglik", gaussian_loglik_suffstats(tau * z, sigma, stats))
+
+
+def multitask_bnn_model(predict_fn, loc, prior_scale, sigma_scale, X=None, y=None, task=None):
+    r"""One Bayesian network for both tasks, the task indicator ``t ∈ {0, 1}`` as the last input:
+
+        θ ~ N(loc, prior_scale²),  σ_S, σ ~ HalfNormal(sigma_scale),
+        y_i ~ N(g([x_i, t_i]; θ), σ_{t_i}²)      (t = 0 source, t = 1 target)
+
+    with a separate noise sd per task. Sites ``theta``, ``sigma_source`` and ``sigma`` (target).
+    """
+    sigma_s = numpyro.sample("sigma_source", dist.HalfNormal(sigma_scale))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(sigma_scale))
+    theta = numpyro.sample("theta", dist.Normal(loc, prior_scale).to_event(1))
+    if X is not None and y is not None:
+        sd = jnp.where(task > 0.5, sigma, sigma_s)
+        numpyro.sample("y", dist.Normal(predict_fn(theta, X), sd), obs=y)

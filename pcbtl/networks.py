@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
@@ -32,6 +30,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from tqdm import tqdm
 
+from pcbtl._files import atomic_write
 from pcbtl._validation import (
     check_hidden,
     check_integer,
@@ -108,7 +107,7 @@ class SourceModel:
         ``σ_S``, the validation RMSE in the units of ``y``.
     reference_X:
         A random sample of the source inputs (the source part of the default reference
-        distribution ``Q``, see DESIGN.md §2).
+        distribution ``Q``, see :mod:`pcbtl.priors`).
     info:
         Training record (epochs, validation RMSE, ...) and an optional JSON-able featurizer
         description, saved with the model.
@@ -303,38 +302,6 @@ _MAX_HEADER_CHARS = 4 << 20  # the JSON header of a model file, in characters
 _MAX_HEADER_DEPTH = 64  # its nesting depth
 
 
-def _new_file_mode() -> int:
-    """The mode :func:`open` gives a new file: ``0o666`` less the process umask.
-
-    Read from ``/proc/self/status`` where there is one; elsewhere the umask is read by setting
-    it and setting it back at once.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Flush a directory entry (the rename of a saved file) to disk where the OS allows."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _read_npy_member(zf: zipfile.ZipFile, item: zipfile.ZipInfo, key: str) -> np.ndarray:
     """One ``.npy`` member, its header checked against its size before anything is allocated."""
     with zf.open(item) as fh:
@@ -395,20 +362,7 @@ def _save_archive(path: Path, header: str, model: Any) -> Path:
     for layer, leaves in model.params.items():
         for name, value in leaves.items():
             arrays[f"params/{layer}/{name}"] = np.asarray(value)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _load_file(path: str | Path, read: Callable[[Path], Any], *, label: str, missing: str) -> Any:
@@ -843,18 +797,57 @@ class NetworkFn:
 
 
 @lru_cache(maxsize=128)
-def _flat_apply(
-    hidden: tuple[int, ...], activation: str, n_features: int, layers: tuple[str, ...]
+def _network_outputs(
+    hidden: tuple[int, ...], activation: str, n_features: int, n_out: int, layers: tuple[str, ...]
 ) -> Callable[..., jax.Array]:
-    """The architecture's ``apply(θ, aux, X)``, one function object per architecture."""
-    module = MLP(hidden=tuple(hidden), out=1, activation=activation)
+    """``apply(θ, aux, X)`` → the network's raw outputs ``(n, n_out)``, with the parameters of
+    ``layers`` set from the flat vector ``θ`` and the others from ``aux["frozen"]``; inputs
+    scaled by ``aux["x_mean"]``, ``aux["x_scale"]``. One function object per architecture and
+    transfer set, so a jitted caller that takes the :class:`NetworkFn` as an argument compiles
+    once. Regression (:func:`_flat_apply`) and classification (logits) both build on it."""
+    module = MLP(hidden=tuple(hidden), out=n_out, activation=activation)
     template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, n_features)))["params"]
     _, unravel = ravel_pytree({k: template[k] for k in layers})
 
     def apply(theta: jax.Array, aux: dict[str, Any], X: jax.Array) -> jax.Array:
         params = {**aux["frozen"], **unravel(theta)}
-        out = module.apply({"params": params}, (X - aux["x_mean"]) / aux["x_scale"])
-        return aux["y_mean"] + aux["y_scale"] * out[..., 0]
+        return module.apply({"params": params}, (X - aux["x_mean"]) / aux["x_scale"])
+
+    return apply
+
+
+@lru_cache(maxsize=128)
+def _head_outputs(
+    hidden: tuple[int, ...], activation: str, n_features: int, n_out: int, layers: tuple[str, ...]
+) -> Callable[..., jax.Array]:
+    """``apply(θ, aux, H)`` → raw outputs of the transfer ``layers`` alone, from the frozen
+    trunk's output ``H`` (see :func:`_frozen_trunk`)."""
+    module = MLP(hidden=tuple(hidden), out=n_out, activation=activation)
+    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, n_features)))["params"]
+    _, unravel = ravel_pytree({k: template[k] for k in layers})
+    act = ACTIVATIONS[activation]
+
+    def apply(theta: jax.Array, aux: dict[str, Any], H: jax.Array) -> jax.Array:
+        params = unravel(theta)
+        h = H
+        for name in layers:
+            h = h @ params[name]["kernel"] + params[name]["bias"]
+            if name != "output":
+                h = act(h)
+        return h
+
+    return apply
+
+
+@lru_cache(maxsize=128)
+def _flat_apply(
+    hidden: tuple[int, ...], activation: str, n_features: int, layers: tuple[str, ...]
+) -> Callable[..., jax.Array]:
+    """The regression network's ``apply(θ, aux, X)`` → ``g(X)`` in the units of ``y``."""
+    raw = _network_outputs(tuple(hidden), activation, n_features, 1, tuple(layers))
+
+    def apply(theta: jax.Array, aux: dict[str, Any], X: jax.Array) -> jax.Array:
+        return aux["y_mean"] + aux["y_scale"] * raw(theta, aux, X)[..., 0]
 
     return apply
 
@@ -879,20 +872,12 @@ class TransferParametrization(NamedTuple):
 def _head_apply(
     hidden: tuple[int, ...], activation: str, n_features: int, layers: tuple[str, ...]
 ) -> Callable[..., jax.Array]:
-    """``apply(θ, aux, H)`` of the transfer layers alone, from the trunk's output ``H``."""
-    module = MLP(hidden=tuple(hidden), out=1, activation=activation)
-    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, n_features)))["params"]
-    _, unravel = ravel_pytree({k: template[k] for k in layers})
-    act = ACTIVATIONS[activation]
+    """``apply(θ, aux, H)`` of the transfer layers alone, from the trunk's output ``H``, in the
+    units of ``y``."""
+    raw = _head_outputs(tuple(hidden), activation, n_features, 1, tuple(layers))
 
     def apply(theta: jax.Array, aux: dict[str, Any], H: jax.Array) -> jax.Array:
-        params = unravel(theta)
-        h = H
-        for name in layers:
-            h = h @ params[name]["kernel"] + params[name]["bias"]
-            if name != "output":
-                h = act(h)
-        return aux["y_mean"] + aux["y_scale"] * h[..., 0]
+        return aux["y_mean"] + aux["y_scale"] * raw(theta, aux, H)[..., 0]
 
     return apply
 

@@ -1,6 +1,6 @@
 r"""The scale PC prior on the network linearised at the source (the *tangent* model).
 
-The scale construction (DESIGN.md §2 b) perturbs the transfer set, ``θ = θ_S + τ s⊙ε``. Its
+The scale construction (:class:`pcbtl.priors.ScalePC`) perturbs the transfer set, ``θ = θ_S + τ s⊙ε``. Its
 first-order Taylor expansion at the source weights is the tangent model
 
 .. math::

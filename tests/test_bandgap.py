@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from shared_data import SHARED_DATA
 
-from pcbtl.bandgap import PUBLISHED_MAE, BandGapConfig, bandgap_methods, run_bandgap
+from pcbtl.materials.bandgap import PUBLISHED_MAE, BandGapConfig, bandgap_methods, run_bandgap
 
 BANDGAP = SHARED_DATA / "bandgap"
 needs_data = pytest.mark.skipif(
@@ -44,7 +44,7 @@ def test_bandgap_run_writes_every_output(tmp_path):
     for name in ("parity.png", "calibration.png", "source_model.npz", "predictions.npz"):
         assert (tmp_path / name).stat().st_size > 0
     from pcbtl import SourceModel
-    from pcbtl.features import CompositionFeaturizer
+    from pcbtl.materials.features import CompositionFeaturizer
 
     source = SourceModel.load(tmp_path / "source_model.npz")
     featurizer = CompositionFeaturizer.from_dict(source.info["featurizer"])

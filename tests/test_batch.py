@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import pcbtl
-from pcbtl import batch
+from pcbtl.jobs import batch
 from pcbtl.models import last_layer_pc_model, last_layer_sufficient_stats
 from pcbtl.priors import reference_gram
 

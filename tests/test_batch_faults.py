@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pcbtl import batch
 from pcbtl.cli import main
+from pcbtl.jobs import batch
 
 SMALL = textwrap.dedent(
     """
@@ -347,7 +347,7 @@ def test_a_forest_that_reproduces_its_labels_warns_and_keeps_a_positive_width(ta
 def test_the_hurdle_checks_its_classifier_at_fit(task, source, classifier):
     # a string or an object without fit/predict_proba failed deep inside scikit-learn (row 20)
     import pcbtl
-    from pcbtl.hurdle import HurdleRegressor
+    from pcbtl.estimators.hurdle import HurdleRegressor
 
     reg = pcbtl.PCTransferRegressor(source, num_warmup=10, num_samples=10, num_chains=1)
     y = np.clip(task.y_target, 0, None)
@@ -359,11 +359,8 @@ def test_the_hurdle_checks_its_classifier_at_fit(task, source, classifier):
 def test_a_multitask_forest_refit_that_fails_changes_nothing(task, source, monkeypatch):
     # row 20: the row counts were set before the forest was grown, so a refit that failed there
     # left n_target_rows_ of the new data beside the old forest
-    import importlib
-
     import pcbtl
-
-    pm = importlib.import_module("pcbtl.methods")  # pcbtl.methods is also the function
+    from pcbtl.estimators import architectures as pm
 
     src = {"source_X": task.X_source[:200], "source_y": task.y_source[:200]}
     est = pcbtl.make_method("multitask-rf", source, n_estimators=20, **src)

@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 
 import pcbtl
-from pcbtl import batch
+from pcbtl.estimators.registry import fit_replicates, make_method
 from pcbtl.inference import nuts
 from pcbtl.inference.nuts import chain_keys, run_plans
 from pcbtl.inference.posterior import BatchPlan
-from pcbtl.methods import fit_replicates, make_method
+from pcbtl.jobs import batch
 
 #: draws of a fit alone and in a group agree to this fraction of the site's posterior sd
 _TOL = 1e-4

@@ -50,13 +50,12 @@ from sklearn.metrics import log_loss
 
 from pcbtl.classification import (
     ClassifierScalePC,
-    PCTransferClassifier,
     SourceClassifier,
     train_source_classifier,
 )
 from pcbtl.classification import priors as cp
-from pcbtl.classification.estimator import init_near_source
 from pcbtl.classification.source import logit_parametrization
+from pcbtl.estimators.classifier import PCTransferClassifier, init_near_source
 from pcbtl.inference import idata_group, idata_groups, run_nuts
 from pcbtl.priors import distance_curve_value, pc_rate
 

@@ -1,4 +1,4 @@
-"""Tests for pcbtl.data: Matbench loaders, the checksummed download cache, ase.db I/O."""
+"""Tests for pcbtl.materials.data: Matbench loaders, the checksummed download cache, ase.db I/O."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from ase import Atoms
 from ase.build import bulk
 from shared_data import SHARED_DATA
 
-from pcbtl import data as pdata
-from pcbtl.data import (
+from pcbtl.materials import data as pdata
+from pcbtl.materials.data import (
     MATBENCH_EXPT_GAP,
     MATBENCH_MP_GAP,
     DownloadError,

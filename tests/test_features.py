@@ -1,4 +1,4 @@
-"""Tests for pcbtl.features (composition and structure featurizers)."""
+"""Tests for pcbtl.materials.features (composition and structure featurizers)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ase.data import atomic_masses, atomic_numbers, covalent_radii
 from ase.io import read, write
 from shared_data import SHARED_DATA
 
-from pcbtl.features import (
+from pcbtl.materials.features import (
     ELEMENTS,
     PROPERTY_NAMES,
     STAT_NAMES,

@@ -13,13 +13,9 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
 import pcbtl
-from pcbtl.hurdle import (
-    _hurdle_quantiles,
-    truncated_normal_log_sf,
-    truncated_normal_moments,
-    zero_classifier,
-)
-from pcbtl.transfer import PosteriorRegressor
+from pcbtl.estimators.base import PosteriorRegressor
+from pcbtl.estimators.hurdle import zero_classifier
+from pcbtl.predictive import hurdle_quantiles, truncated_normal_log_sf, truncated_normal_moments
 
 
 def _zero_inflated(n, seed):
@@ -63,7 +59,7 @@ def test_hurdle_predictions_are_calibrated(hurdle):
     assert np.all(sd > 0)
 
 
-def test_hurdle_quantiles_match_predictive_draws(hurdle):
+def testhurdle_quantiles_match_predictive_draws(hurdle):
     X, _, _ = _zero_inflated(5, 2)
     lo, hi = hurdle.predict_interval(X, level=0.8)
     draws = np.concatenate([hurdle.sample_posterior_predictive(X, seed=s) for s in range(50)])
@@ -173,7 +169,7 @@ def test_truncated_moments_in_ordinary_cases():
 
 def _quantiles(means, sds, pi, probs) -> np.ndarray:
     return np.asarray(
-        _hurdle_quantiles(
+        hurdle_quantiles(
             jnp.asarray(means, jnp.float32),
             jnp.asarray(sds, jnp.float32),
             jnp.asarray(pi, jnp.float32),
@@ -205,7 +201,7 @@ def test_truncated_quantiles_in_ordinary_cases():
     np.testing.assert_allclose(q, ref, rtol=1e-4)
 
 
-def test_hurdle_quantiles_of_a_mixture():
+def testhurdle_quantiles_of_a_mixture():
     # draws from far below 0 to far above, several noise sds, and the point mass π at 0
     rng = np.random.default_rng(0)
     S, n = 40, 6

@@ -10,8 +10,8 @@ import numpyro.distributions as dist
 import pytest
 from scipy import stats
 
+from pcbtl.inference import run_nuts_batched
 from pcbtl.interweave import Interweave, conditional_potentials, interweave_scale, slice_step
-from pcbtl.methods import run_nuts_batched
 
 # KS tests at level 1e-3: a correct sampler fails one of them once in a thousand runs, while a
 # missing Jacobian or a biased update moves the distribution by far more than the KS distance

@@ -11,14 +11,9 @@ import pytest
 from tiny_methods import tiny_options
 
 import pcbtl
+from pcbtl.estimators.baselines import BayesianLastLayerRegressor
+from pcbtl.estimators.registry import fit_replicates, make_method, methods, supports_batching
 from pcbtl.inference import idata_group
-from pcbtl.methods import (
-    BayesianLastLayerRegressor,
-    fit_replicates,
-    make_method,
-    methods,
-    supports_batching,
-)
 
 EXPECTED = [
     "source-only",
@@ -318,7 +313,7 @@ _SHARDED = """
 import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 import jax, numpy as np, pcbtl
-from pcbtl.methods import run_nuts_batched
+from pcbtl.inference import run_nuts_batched
 from tests.test_methods import _sharding_case
 kws = _sharding_case()
 post = run_nuts_batched(pcbtl.models.last_layer_pc_model, kws, num_warmup=200, num_samples=200)
@@ -351,7 +346,7 @@ def test_batched_replicates_are_sharded_over_several_devices():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 2
-    from pcbtl.methods import run_nuts_batched
+    from pcbtl.inference import run_nuts_batched
 
     post = run_nuts_batched(
         pcbtl.models.last_layer_pc_model, _sharding_case(), num_warmup=200, num_samples=200

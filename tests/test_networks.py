@@ -122,7 +122,7 @@ def test_transfer_parametrization_reproduces_source(task, source):
 def test_networks_of_one_architecture_share_one_compilation(task, source):
     # the flat network is a pytree (parameters as data): a second source of the same
     # architecture reuses the compiled program, and gives its own (different) predictions
-    from pcbtl.transfer import _apply_draws_pytree, _batched_apply
+    from pcbtl.estimators.base import _apply_draws_pytree, _batched_apply
 
     other = pcbtl.train_source(
         task.X_source, task.y_source, hidden=(16, 16), seed=7, max_epochs=20, progress_bar=False

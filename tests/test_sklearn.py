@@ -29,7 +29,7 @@ from sklearn.utils.validation import check_is_fitted
 from tiny_methods import tiny_options
 
 import pcbtl
-from pcbtl.features import CompositionFeaturizer, StructureFeaturizer
+from pcbtl.materials.features import CompositionFeaturizer, StructureFeaturizer
 from pcbtl.networks import SourceModel
 
 # tiny sampler settings: the scikit-learn interface is under test, not the statistics

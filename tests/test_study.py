@@ -13,14 +13,13 @@ import pytest
 from scipy.stats import norm
 
 from pcbtl.cli import main
-from pcbtl.methods import methods
-from pcbtl.study import (
-    METRICS,
+from pcbtl.estimators.registry import methods
+from pcbtl.evaluation import METRICS
+from pcbtl.jobs.study import (
     QUICK,
     StudyConfig,
     grid_markdown,
     headline_markdown,
-    mixture_crps,
     paired_differences,
     read_csv,
     replicate_seed,
@@ -28,6 +27,7 @@ from pcbtl.study import (
     summary_markdown,
     write_csv,
 )
+from pcbtl.predictive import mixture_crps
 
 
 def test_crps_matches_closed_form_and_monte_carlo():

@@ -49,7 +49,7 @@ def head_pc_classifier_model(
     Phi: jax.Array | None = None,
     Y: jax.Array | None = None,
 ) -> None:
-    r"""Head (last-layer) PC transfer classifier, non-centred (DESIGN.md §2(c)).
+    r"""Head (last-layer) PC transfer classifier, non-centred (:mod:`pcbtl.classification.priors`).
 
     Body frozen at the source; head ``B ∈ R^{p × n_out}`` (bias last row):
 
@@ -131,7 +131,7 @@ def scale_pc_classifier_model(
     X: jax.Array | None = None,
     Y: jax.Array | None = None,
 ) -> None:
-    r"""Scale PC transfer classifier over a chosen transfer set (DESIGN.md §2(c)).
+    r"""Scale PC transfer classifier over a chosen transfer set (:mod:`pcbtl.classification.priors`).
 
     .. math::
 

@@ -8,7 +8,7 @@ classes, written as the logits ``[0, g]``). The distance of a target from the so
     d = \sqrt{2\, E_{x\sim Q}\, \mathrm{KL}\big(p_T(\cdot\mid x)\,\|\,p_S(\cdot\mid x)\big)},
     \qquad d \sim \mathrm{Exp}(λ),\quad λ = -\log(α)/U,
 
-with no noise scale (DESIGN.md §2(c)). Two constructions make ``d`` follow the PC prior:
+with no noise scale. Two constructions make ``d`` follow the PC prior:
 
 * the **head (last-layer) prior** — a direction ``u`` uniform on the Fisher sphere of the source
   head and a length ``t`` along the ray with density ``π(t | u) ∝ λ e^{−λ d(t,u)} ∂d/∂t``

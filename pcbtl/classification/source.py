@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,7 +37,6 @@ from pcbtl._validation import (
     collect_errors,
 )
 from pcbtl.networks import (
-    ACTIVATIONS,
     MLP,
     NetworkFn,
     _check_activation,
@@ -47,8 +46,10 @@ from pcbtl.networks import (
     _check_validation_fraction,
     _fit_adamw,
     _frozen_trunk,
+    _head_outputs,
     _layer_scales,
     _load_file,
+    _network_outputs,
     _read_archive,
     _read_network_header,
     _save_archive,
@@ -511,48 +512,6 @@ class LogitParametrization(NamedTuple):
     predict_fn: NetworkFn
 
 
-def _template(hidden, activation, n_features, n_out, layers):
-    module = MLP(hidden=tuple(hidden), out=n_out, activation=activation)
-    template = module.init(jax.random.PRNGKey(0), jnp.zeros((1, n_features)))["params"]
-    _, unravel = ravel_pytree({k: template[k] for k in layers})
-    return module, unravel
-
-
-@lru_cache(maxsize=128)
-def _flat_logit_apply(
-    hidden: tuple[int, ...], activation: str, n_features: int, n_out: int, layers: tuple[str, ...]
-) -> Callable[..., jax.Array]:
-    """``apply(θ, aux, X)`` → logits, one function object per architecture and transfer set
-    (so a jitted caller taking the :class:`NetworkFn` as an argument compiles once)."""
-    module, unravel = _template(hidden, activation, n_features, n_out, layers)
-
-    def apply(theta: jax.Array, aux: dict[str, Any], X: jax.Array) -> jax.Array:
-        params = {**aux["frozen"], **unravel(theta)}
-        return module.apply({"params": params}, (X - aux["x_mean"]) / aux["x_scale"])
-
-    return apply
-
-
-@lru_cache(maxsize=128)
-def _head_logit_apply(
-    hidden: tuple[int, ...], activation: str, n_features: int, n_out: int, layers: tuple[str, ...]
-) -> Callable[..., jax.Array]:
-    """``apply(θ, aux, H)`` of the transfer layers alone, from the frozen trunk's output ``H``."""
-    _, unravel = _template(hidden, activation, n_features, n_out, layers)
-    act = ACTIVATIONS[activation]
-
-    def apply(theta: jax.Array, aux: dict[str, Any], H: jax.Array) -> jax.Array:
-        params = unravel(theta)
-        h = H
-        for name in layers:
-            h = h @ params[name]["kernel"] + params[name]["bias"]
-            if name != "output":
-                h = act(h)
-        return h
-
-    return apply
-
-
 def logit_parametrization(
     source: SourceClassifier, transfer_layers: Any = "all", *, scale: str = "fan_in"
 ) -> LogitParametrization:
@@ -577,7 +536,7 @@ def logit_parametrization(
         "x_mean": jnp.asarray(source.x_mean, jnp.float32),
         "x_scale": jnp.asarray(source.x_scale, jnp.float32),
     }
-    apply = _flat_logit_apply(
+    apply = _network_outputs(
         tuple(source.hidden), source.activation, source.n_features, source.n_outputs, layers
     )
     return LogitParametrization(layers, theta0.astype(jnp.float32), scales, NetworkFn(apply, aux))
@@ -591,7 +550,7 @@ def split_logit_trunk(
     trunk = _frozen_trunk(source, lp.layers)
     if trunk is None:
         return None
-    apply = _head_logit_apply(
+    apply = _head_outputs(
         tuple(source.hidden), source.activation, source.n_features, source.n_outputs, lp.layers
     )
     return trunk, NetworkFn(apply, {})

@@ -34,7 +34,13 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"\sArviZ is undergoing", category=FutureWarning)
     import arviz as az
 
-__all__ = ["SamplerWarning", "check_sampler", "rhat_ess", "sampler_diagnostics"]
+__all__ = [
+    "SamplerWarning",
+    "check_sampler",
+    "require_finite",
+    "rhat_ess",
+    "sampler_diagnostics",
+]
 
 #: above this many elements a site's R-hat and ESS are computed on a seeded subsample
 MAX_ELEMENTS = 20_000
@@ -89,6 +95,16 @@ def _element_names(name: str, shape: tuple[int, ...]) -> list[str]:
     if not shape:
         return [name]
     return [f"{name}[{','.join(map(str, i))}]" for i in np.ndindex(*shape)]
+
+
+def require_finite(posterior: Posterior, *sites: str) -> None:
+    """Raise ``FloatingPointError`` if any draw of ``sites`` is NaN or infinite.
+
+    A fit whose sampler produced non-finite draws (an overflow in the likelihood, a step size
+    that ran away) has failed; its draws must not reach predictions."""
+    for name in sites:
+        if not np.all(np.isfinite(np.asarray(posterior.samples[name]))):
+            raise FloatingPointError(f"non-finite posterior draws of {name}; fit failed")
 
 
 def stuck_chains(posterior: Posterior) -> list[int]:

@@ -11,7 +11,6 @@ driver.
 from __future__ import annotations
 
 import gc
-import sys
 import warnings
 from collections.abc import Callable
 from functools import lru_cache
@@ -24,6 +23,7 @@ from numpyro.infer import MCMC, NUTS, init_to_median
 
 from pcbtl.inference.posterior import BatchPlan, Posterior
 from pcbtl.interweave import Interweave, conditional_potentials, interweave_scale
+from pcbtl.networks import _flat_apply, _head_apply, _head_outputs, _network_outputs
 
 __all__ = [
     "CHAIN_METHODS",
@@ -150,17 +150,11 @@ def clear_caches() -> None:
     configurations) can call this between them to give the memory back. Later fits compile
     again on first use; fitted estimators keep working.
     """
-    from pcbtl.networks import _flat_apply
 
     _batched_sampler.cache_clear()
     _INIT_CACHE.clear()
-    _flat_apply.cache_clear()
-    # the classifiers' network functions, when that module is in use (not imported here:
-    # inference knows no estimator)
-    classification = sys.modules.get("pcbtl.classification.source")
-    if classification is not None:
-        classification._flat_logit_apply.cache_clear()
-        classification._head_logit_apply.cache_clear()
+    for cache in (_flat_apply, _head_apply, _network_outputs, _head_outputs):
+        cache.cache_clear()
     jax.clear_caches()
     gc.collect()
 

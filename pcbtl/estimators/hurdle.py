@@ -37,16 +37,12 @@ truncated normal's survival function (:func:`truncated_normal_log_sf`), its mean
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import erfcx, log_ndtr
-from scipy.special import erfcx as np_erfcx
 from scipy.special import log_ndtr as np_log_ndtr
 from scipy.special import ndtri_exp
 from sklearn.base import clone
@@ -55,184 +51,10 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import StratifiedKFold
 
 from pcbtl._validation import check_probability, check_Xy
-from pcbtl.transfer import PosteriorRegressor, RegressorBase
+from pcbtl.estimators.base import PosteriorRegressor, RegressorBase
+from pcbtl.predictive import hurdle_quantiles, truncated_normal_moments
 
-__all__ = [
-    "HurdleRegressor",
-    "truncated_normal_log_sf",
-    "truncated_normal_moments",
-    "zero_classifier",
-]
-
-_SQRT2 = math.sqrt(2.0)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-#: at and above this standardised truncation point α the moments come from the continued fraction
-_CF_FROM = 4.0
-#: depth of the continued fraction: exact to float64 rounding for α ≥ 4 (checked with mpmath)
-_CF_DEPTH = 40
 CALIBRATIONS = (None, "isotonic", "sigmoid")
-
-
-def truncated_normal_log_sf(q: jax.Array, mean: jax.Array, sd: jax.Array) -> jax.Array:
-    r"""``log P(Y > q | Y > 0)`` for ``Y ~ N(mean, sd²)`` and ``q ≥ 0``, stable at any ``mean/sd``.
-
-    With the standardised truncation point ``α = −mean/sd``, ``t = q/sd`` and the normal upper
-    tail ``Q(x) = 1 − Φ(x)``, the survival function of the normal truncated to ``(0, ∞)`` is
-
-    .. math::
-
-        \log S(q) = \log Q(\alpha + t) - \log Q(\alpha).
-
-    For ``α < 0`` (the mean above 0) both terms are ``log_ndtr`` of moderate or positive
-    arguments and there is no cancellation. For ``α ≥ 0`` both are near ``−α²/2`` (−450 at
-    ``α = 30``) and their difference would lose ``α²/2`` ulps; with
-    ``Q(x) = \tfrac12 e^{-x^2/2} \operatorname{erfcx}(x/\sqrt2)`` the quadratic terms cancel
-    exactly on paper instead:
-
-    .. math::
-
-        \log S(q) = -t\,(\alpha + t/2)
-            + \log \operatorname{erfcx}\!\big((\alpha + t)/\sqrt2\big)
-            - \log \operatorname{erfcx}\!\big(\alpha/\sqrt2\big),
-
-    every term of which is well conditioned (``erfcx`` is smooth, positive and
-    ``≈ 1/(z\sqrt\pi)`` for large ``z``): the absolute error of ``log S`` is a few ulps of
-    ``1 + |log S|`` whatever ``α`` (the truncated normal tends to an exponential with rate
-    ``α/sd`` as ``α → ∞``). The old ``(Φ((q − mean)/sd) − Φ(α)) / (1 − Φ(α))`` is ``0/0`` in
-    float32 once ``α > 5.4``.
-
-    Parameters
-    ----------
-    q:
-        Points ``≥ 0``.
-    mean, sd:
-        Mean and sd (``> 0``) of the untruncated normal; broadcast against ``q``.
-
-    Returns
-    -------
-    jax.Array
-        ``log S(q) ≤ 0``, in the dtype of the arguments (pure ``jax.numpy``; jittable).
-    """
-    alpha = -mean / sd
-    t = q / sd
-    x1 = alpha + t
-    deep = alpha >= 0
-    alpha_p = jnp.maximum(alpha, 0.0)  # the erfcx branch only ever sees arguments ≥ 0
-    deep_value = (
-        -t * (alpha_p + 0.5 * t)
-        + jnp.log(erfcx(jnp.maximum(x1, 0.0) / _SQRT2))
-        - jnp.log(erfcx(alpha_p / _SQRT2))
-    )
-    shallow_value = log_ndtr(-x1) - log_ndtr(-alpha)
-    return jnp.minimum(jnp.where(deep, deep_value, shallow_value), 0.0)
-
-
-def truncated_normal_moments(mean: Any, sd: Any) -> tuple[np.ndarray, np.ndarray]:
-    r"""Mean and variance of ``N(mean, sd²)`` truncated to ``(0, ∞)``, in float64, at any ``mean/sd``.
-
-    With ``α = −mean/sd`` and the inverse Mills ratio (the standard normal hazard at ``α``)
-    ``λ(α) = φ(α)/(1 − Φ(α))``, the truncated normal ``Y = mean + sd Z``, ``Z | Z > α``, has
-
-    .. math::
-
-        E[Y] = sd\,(\lambda - \alpha), \qquad \operatorname{Var}[Y] = sd^2\,\big(1 - \lambda(\lambda - \alpha)\big).
-
-    For ``α < 4`` these are computed from
-    ``λ = \sqrt{2/\pi} / \operatorname{erfcx}(\alpha/\sqrt2)`` (no ``1 − Φ``, which underflows:
-    the old ``φ(α)/max(1 − Φ(α), 10^{-12})`` gave ``λ ≈ 0`` and a *negative* mean
-    ``E[Y] ≈ mean`` once ``α > 8.3``). For ``α ≥ 4``, ``λ − α`` and ``1 − λ(λ − α)`` lose
-    digits to cancellation (``λ − α ≈ 1/α``); there both come from Laplace's continued fraction
-    of the Mills ratio, ``1/λ = 1/(α + 1/(α + 2/(α + 3/(α + …))))``, i.e.
-
-    .. math::
-
-        D = \cfrac{2}{\alpha + \cfrac{3}{\alpha + \cfrac{4}{\alpha + \cdots}}}, \qquad
-        \lambda - \alpha = \frac{1}{\alpha + D}, \qquad
-        1 - \lambda(\lambda - \alpha) = (\lambda - \alpha)\,\big(D - (\lambda - \alpha)\big),
-
-    evaluated backwards from depth 40, where it agrees with 50-digit ``mpmath`` to float64
-    rounding for every ``α ≥ 4``. All terms are positive, so ``E[Y] > 0`` and
-    ``Var[Y] ≥ 0`` for any finite input; as ``α → ∞``,
-    ``E[Y] = sd (1/α − 2/α³ + 10/α⁵ − …)`` and ``Var[Y] ≈ sd²/α²`` (the exponential limit).
-
-    Parameters
-    ----------
-    mean, sd:
-        Mean and sd (``> 0``) of the untruncated normal (broadcast).
-
-    Returns
-    -------
-    (mean, variance)
-        Float64 arrays of the broadcast shape of ``mean`` and ``sd``.
-    """
-    mean, sd = np.broadcast_arrays(np.asarray(mean, np.float64), np.asarray(sd, np.float64))
-    alpha = -mean / sd
-    deep = alpha >= _CF_FROM
-    delta = np.empty_like(alpha)
-    var = np.empty_like(alpha)
-    # α < 4: the hazard from erfcx; erfcx(−z) overflows for z > 26, where λ is < 1e−300 anyway
-    a = alpha[~deep]
-    lam = _SQRT_2_OVER_PI / np_erfcx(np.maximum(a, -35.0) / _SQRT2)
-    delta[~deep] = lam - a
-    var[~deep] = 1.0 - lam * (lam - a)
-    # α ≥ 4: Laplace's continued fraction, evaluated backwards
-    a = alpha[deep]
-    d = np.zeros_like(a)
-    for k in range(_CF_DEPTH, 1, -1):
-        d = k / (a + d)
-    dd = 1.0 / (a + d)
-    delta[deep] = dd
-    var[deep] = dd * (d - dd)
-    return sd * delta, sd**2 * np.maximum(var, 0.0)
-
-
-@jax.jit
-def _hurdle_quantiles(means, sds, pi, probs):
-    r"""Quantiles of ``π δ_0 + (1 − π) (1/S) Σ_s TruncNormal₊(μ_s, σ_s²)``.
-
-    ``means``: ``(S, n)``; ``sds``: ``(S,)``; ``pi``: ``(n,)``; ``probs``: ``(k,)``; returns
-    ``(k, n)``. The quantile at ``p ≤ π`` is 0. Otherwise it is the quantile at
-    ``p' = (p − π)/(1 − π)`` of the positive part, found by 60 bisection steps on the mixture of
-    the draws' survival functions ``S_s`` (:func:`truncated_normal_log_sf`, log space), compared
-    in the smaller tail: ``(1/S) Σ_s (1 − S_s(q)) < p'`` when ``p' ≤ 1/2``, else
-    ``(1/S) Σ_s S_s(q) > 1 − p' = (1 − p)/(1 − π)``. The bracket is ``[0, max_s σ_s t_s]``:
-    the normal hazard exceeds its argument, ``φ(x)/Q(x) > x``, so
-    ``−\log S_s(σ_s t) > t(α_s + t/2)`` and
-
-    .. math::
-
-        t_s = \frac{2L}{\alpha_s + \sqrt{\alpha_s^2 + 2L}}\ (\alpha_s \ge 0), \qquad
-        t_s = \sqrt{\alpha_s^2 + 2L} - \alpha_s\ (\alpha_s < 0), \qquad L = -\log(1 - p'),
-
-    is above draw ``s``'s quantile, so ``max_s σ_s t_s`` is above the mixture's.
-    """
-    sd = sds[:, None]
-    alpha = -means / sd
-    tiny = jnp.finfo(means.dtype).tiny
-
-    def one(prob):
-        keep = jnp.maximum(1.0 - pi, tiny)
-        target = (prob - pi) / keep  # p'
-        upper = jnp.clip((1.0 - prob) / keep, tiny, 1.0)  # 1 − p'
-        big = 2.0 * -jnp.log(upper)
-        root = jnp.sqrt(alpha**2 + big)
-        t = jnp.where(alpha >= 0, big / (alpha + root), root - alpha)
-        hi = jnp.max(sd * t, axis=0)
-        lower_tail = target <= 0.5
-
-        def body(_, b):
-            lo, hi = b
-            mid = 0.5 * (lo + hi)
-            log_sf = truncated_normal_log_sf(mid, means, sd)
-            cdf = jnp.mean(-jnp.expm1(log_sf), axis=0)
-            sf = jnp.mean(jnp.exp(log_sf), axis=0)
-            below = jnp.where(lower_tail, cdf < target, sf > upper)
-            return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
-
-        lo, hi_ = jax.lax.fori_loop(0, 60, body, (jnp.zeros_like(hi), hi))
-        return jnp.where(prob <= pi, 0.0, 0.5 * (lo + hi_))
-
-    return jax.vmap(one)(probs)
 
 
 class _FlooredCalibratedClassifierCV(CalibratedClassifierCV):
@@ -287,7 +109,7 @@ def zero_classifier(
 class HurdleRegressor(RegressorBase):
     r"""Hurdle model: classifier for ``y = 0`` plus a Bayesian regressor for ``y > 0``.
 
-    A scikit-learn regressor (:class:`pcbtl.transfer.RegressorBase`): ``regressor`` and
+    A scikit-learn regressor (:class:`pcbtl.estimators.base.RegressorBase`): ``regressor`` and
     ``classifier`` are parameters (``regressor__U`` reaches the regressor's ``U`` in
     ``set_params`` and ``GridSearchCV``) and are cloned by ``fit``, which leaves them
     unfitted; the fitted copies are ``regressor_`` and ``classifier_``.
@@ -295,7 +117,7 @@ class HurdleRegressor(RegressorBase):
     Parameters
     ----------
     regressor:
-        A :class:`pcbtl.transfer.PosteriorRegressor` (``PCTransferRegressor``,
+        A :class:`pcbtl.estimators.base.PosteriorRegressor` (``PCTransferRegressor``,
         ``BayesianNetworkRegressor``, ...); a clone of it is fitted on the rows with
         ``y > zero_tol``.
     classifier:
@@ -413,7 +235,7 @@ class HurdleRegressor(RegressorBase):
         return self._proba_zero(X), means, self.regressor_.sigma_draws_
 
     def _quantiles(self, pi, means, sds, probs) -> np.ndarray:
-        q = _hurdle_quantiles(
+        q = hurdle_quantiles(
             jnp.asarray(means, jnp.float32),
             jnp.asarray(sds, jnp.float32),
             jnp.asarray(pi, jnp.float32),
@@ -450,7 +272,7 @@ class HurdleRegressor(RegressorBase):
 
     def predict_interval(self, X: Any, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
         """Central ``level`` interval of the hurdle predictive; the lower end is 0 where
-        ``π(x) ≥ (1 − level)/2``. Exact quantiles of the mixture (see ``_hurdle_quantiles``),
+        ``π(x) ≥ (1 − level)/2``. Exact quantiles of the mixture (see ``hurdle_quantiles``),
         non-negative and finite at any ``g_s/σ_s``."""
         level = check_probability(level, "level")
         pi, means, sds = self._parts(X)

@@ -1,7 +1,7 @@
 r"""The scikit-learn PC transfer classifier.
 
 :class:`PCTransferClassifier` fits a target classification task with the PC prior on the KL
-distance from a :class:`pcbtl.classification.SourceClassifier` (DESIGN.md §2(c)), sampling
+distance from a :class:`pcbtl.classification.SourceClassifier` (:mod:`pcbtl.classification.priors`), sampling
 the posterior with NUTS across chains (:func:`pcbtl.inference.run_plans`), and predicts with the
 posterior mean of the class probabilities,
 
@@ -54,6 +54,7 @@ from pcbtl.inference import (
     BatchPlan,
     Posterior,
     check_sampler,
+    require_finite,
     resolve_chain_method,
     run_plans,
     sampler_diagnostics,
@@ -494,9 +495,8 @@ class PCTransferClassifier(ClassifierMixin, BaseEstimator):
         seconds: float,
     ) -> PCTransferClassifier:
         """Judge the draws, build the ArviZ groups and store the fit (the tail of ``fit``)."""
+        require_finite(posterior, "distance")
         d = np.asarray(posterior.samples["distance"])
-        if not np.all(np.isfinite(d)):
-            raise FloatingPointError("non-finite posterior draws of the distance; fit failed")
         chains, draws = d.shape[:2]
         Xd = _subsample(setup["Xref"], 256, int(self.seed))
         pd = self._draw_probs(posterior, Xd, setup)  # (S, m, K)

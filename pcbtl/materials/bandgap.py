@@ -3,8 +3,8 @@ r"""The band-gap application: DFT (Materials Project, PBE) gaps → experimental
 Workflow of :func:`run_bandgap` (``pcbtl bandgap``):
 
 1. load ``matbench_mp_gap`` (source, 106,113 PBE gaps) and ``matbench_expt_gap`` (target, 4,604
-   experimental gaps, Zhuo et al. 2018) with the loaders of :mod:`pcbtl.data`;
-2. featurize the formulas (:class:`pcbtl.features.CompositionFeaturizer`: element fractions
+   experimental gaps, Zhuo et al. 2018) with the loaders of :mod:`pcbtl.materials.data`;
+2. featurize the formulas (:class:`pcbtl.materials.features.CompositionFeaturizer`: element fractions
    and Magpie-style statistics, Ward et al. 2016);
 3. train the source network on the PBE gaps and save it with its featurizer;
 4. fit each method on the experimental gaps with Matbench's protocol — ``KFold(n_splits=5,
@@ -33,6 +33,15 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import KFold
 
+from pcbtl.estimators.hurdle import HurdleRegressor
+from pcbtl.estimators.pc import PCTransferRegressor
+from pcbtl.estimators.registry import METHODS, make_method, method_options
+from pcbtl.evaluation import interval_scores
+from pcbtl.materials.data import load_matbench_expt_gap, load_matbench_mp_gap
+from pcbtl.materials.features import CompositionFeaturizer
+from pcbtl.networks import train_source
+from pcbtl.plots import parity_plot
+
 __all__ = [
     "PUBLISHED_MAE",
     "MATBENCH_SEED",
@@ -43,7 +52,7 @@ __all__ = [
 ]
 
 #: Published mean MAE (eV) on matbench_expt_gap, Matbench v0.1 leaderboard (composition-only
-#: models; Dunn et al. 2020 and later submissions), as quoted in DESIGN.md §5.
+#: models; Dunn et al. 2020 and later submissions), as published on the Matbench v0.1 leaderboard.
 PUBLISHED_MAE: dict[str, float] = {
     "Darwin": 0.287,
     "CrabNet (Ax/SAASBO)": 0.331,
@@ -99,13 +108,12 @@ class BandGapConfig:
 
 
 def load_bandgap_tables(data_dir: str | Path | None = None, cache_dir: str | Path | None = None):
-    """``(expt, mp)`` :class:`pcbtl.data.BandGapData` tables.
+    """``(expt, mp)`` :class:`pcbtl.materials.data.BandGapData` tables.
 
     With ``data_dir``, files named ``matbench_expt_gap.{csv,json,json.gz}`` and
     ``matbench_mp_gap.{…}`` are read from it; otherwise the official Matbench files are
     downloaded into ``cache_dir`` (checksummed) on first use.
     """
-    from pcbtl.data import load_matbench_expt_gap, load_matbench_mp_gap
 
     def local(name: str) -> Path | None:
         if data_dir is None:
@@ -132,9 +140,6 @@ def _metal_features(source) -> Callable[[np.ndarray], np.ndarray]:
 
 def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None) -> dict:
     """Factories ``name -> () -> estimator`` for the methods of ``config`` on ``source``."""
-    from pcbtl.hurdle import HurdleRegressor
-    from pcbtl.methods import METHODS, make_method
-    from pcbtl.transfer import PCTransferRegressor
 
     sampler = dict(num_warmup=config.num_warmup, num_samples=config.num_samples, seed=config.seed)
     quiet = dict(progress_bar=False)
@@ -166,9 +171,7 @@ def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None)
             )
         elif name in METHODS:
             opts: dict[str, Any] = {}
-            if name not in ("source-only", "fine-tuning") and not name.endswith("-rf"):
-                opts.update(sampler)
-            if name.startswith("pc-") or name in ("target-only", "pretrained-gaussian"):
+            if METHODS[name].uses_sampler:
                 opts.update(quiet)
             if METHODS[name].uses_source_data and source_X is not None:
                 opts.update(source_X=source_X, source_y=source_y)
@@ -176,6 +179,7 @@ def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None)
                 opts.update(scale_opts)
             if name == "pc-tangent":
                 opts.update(transfer_layers=config.scale_layers)
+            opts = method_options(name, sampler=sampler, **opts)
             factories[name] = lambda name=name, opts=opts: make_method(name, source, **opts)
         else:
             raise ValueError(
@@ -185,14 +189,15 @@ def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None)
 
 
 def _scores(y: np.ndarray, pred: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict:
-    inside = (y >= lo) & (y <= hi)
+    """:func:`pcbtl.evaluation.interval_scores` over all rows, the metals and the non-metals,
+    keyed ``MAE``, ``metal_MAE``, ``nonmetal_coverage95``, …"""
     out: dict[str, float] = {}
     for tag, mask in (("", np.ones_like(y, bool)), ("metal_", y == 0), ("nonmetal_", y > 0)):
         if mask.any():
-            out[f"{tag}MAE"] = float(np.mean(np.abs(pred[mask] - y[mask])))
-            out[f"{tag}RMSE"] = float(np.sqrt(np.mean((pred[mask] - y[mask]) ** 2)))
-            out[f"{tag}coverage95"] = float(np.mean(inside[mask]))
-            out[f"{tag}width95"] = float(np.mean((hi - lo)[mask]))
+            s = interval_scores(y[mask], pred[mask], lo[mask], hi[mask])
+            out.update(
+                {f"{tag}{k.upper() if k in ('mae', 'rmse') else k}": v for k, v in s.items()}
+            )
     return out
 
 
@@ -213,9 +218,6 @@ def run_bandgap(
     appended to ``results.csv`` at once, so an interrupted run keeps what it finished.
     """
     import jax
-
-    from pcbtl.features import CompositionFeaturizer
-    from pcbtl.networks import train_source
 
     config = config or BandGapConfig()
     out = Path(out)
@@ -349,8 +351,6 @@ def _plots(out: Path, y: np.ndarray, oof: dict[str, np.ndarray]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pcbtl.plots import parity_plot
 
     done = {m: v for m, v in oof.items() if np.isfinite(v[0]).any()}
     if not done:

@@ -1,4 +1,4 @@
-r"""The simulation study: every transfer-learning method of :mod:`pcbtl.methods` on one grid.
+r"""The simulation study: every transfer-learning method of :mod:`pcbtl.estimators.registry` on one grid.
 
 Data-generating process (one *setting* = ``(δ, n_T, c)``; every replicate seeded):
 
@@ -33,51 +33,33 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import io
 import json
 import math
-import os
 import platform
 import time
-import traceback
-import warnings
 import zlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from scipy.special import logsumexp
-from scipy.stats import norm
 
-from pcbtl.inference import SamplerWarning
-from pcbtl.methods import METHODS, fit_replicates, make_method, methods, supports_batching
+from pcbtl._files import atomic_write_text
+from pcbtl.estimators.base import sampler_health
+from pcbtl.estimators.registry import (
+    METHODS,
+    fit_all,
+    make_method,
+    method_options,
+    methods,
+)
+from pcbtl.evaluation import METRICS, score
 from pcbtl.networks import train_source
-from pcbtl.priors import PriorDataConflictWarning
 from pcbtl.simulation import make_synthetic_task
-from pcbtl.transfer import PosteriorRegressor, sampler_health
-
-__all__ = [
-    "METRICS",
-    "QUICK",
-    "StudyConfig",
-    "replicate_seed",
-    "run_study",
-    "score",
-    "summarise",
-    "TIE_SE",
-    "PairedDifference",
-    "paired_differences",
-    "add_simulate_command",
-    "headline_markdown",
-    "summary_markdown",
-    "merge_studies",
-    "write_summary",
-]
-
-METRICS = ("rmse", "mae", "coverage95", "width95", "mlpd", "crps")
 
 
 @dataclass(frozen=True)
@@ -95,7 +77,7 @@ class StudyConfig:
     training rows × test rows × trees); ``multitask_source_rows`` source rows enter the
     multi-task network.
     ``batched=True`` fits the replicates of a setting in one vmapped NUTS job where the model
-    allows it (:func:`pcbtl.methods.supports_batching`).
+    allows it (:func:`pcbtl.estimators.registry.supports_batching`).
     """
 
     deltas: tuple[Any, ...] = (0.0, 0.5, 1.0, 2.0, "unrelated")
@@ -159,134 +141,29 @@ def replicate_seed(seed: int, delta: Any, n_target: int, covariate_shift: float,
     return int(ss.generate_state(1)[0] % (2**31 - 1))
 
 
-# --------------------------------------------------------------------------------------------
-# scoring
-# --------------------------------------------------------------------------------------------
-
-
-def _predictive_mixture(est: Any, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Component means (S, n) and sds (S, n) of the predictive of a fitted estimator."""
-    if isinstance(est, PosteriorRegressor) and hasattr(est, "posterior_"):
-        means = np.asarray(est._means(X), np.float64)
-        sig = np.asarray(est.sigma_draws_, np.float64)
-        return means, np.broadcast_to(sig[:, None], means.shape)
-    mu, sd = est.predict(X, return_std=True)
-    return np.asarray(mu, np.float64)[None], np.asarray(sd, np.float64)[None]
-
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def _abs_normal_mean(m, s):
-    """``E|Z|`` for ``Z ~ N(m, s²)``: ``m(2Φ(m/s) − 1) + 2s φ(m/s)``."""
-    u = m / s
-    return m * (2 * jax.scipy.special.ndtr(u) - 1) + _SQRT_2_OVER_PI * s * jnp.exp(-0.5 * u * u)
-
-
-@jax.jit
-def _mixture_crps_jit(means, sds, y):
-    t1 = _abs_normal_mean(y[None] - means, sds).mean(0)
-    n_comp = means.shape[0]
-    iu, ju = np.triu_indices(n_comp, k=1)
-
-    n_pairs = iu.shape[0]
-    chunk = max(1, min(n_pairs, 256))
-    n_chunks = -(-n_pairs // chunk)
-    flat = np.arange(n_chunks * chunk)
-    I = jnp.asarray(iu[flat % max(n_pairs, 1)].reshape(n_chunks, chunk))  # noqa: E741
-    J = jnp.asarray(ju[flat % max(n_pairs, 1)].reshape(n_chunks, chunk))
-    W = jnp.asarray((flat < n_pairs).reshape(n_chunks, chunk), means.dtype)
-
-    def body(acc, ijw):  # one chunk of the s < t pairs (the pair term costs S²)
-        i, j, w = ijw
-        term = _abs_normal_mean(means[i] - means[j], jnp.sqrt(sds[i] ** 2 + sds[j] ** 2))
-        return acc + jnp.sum(term * w[:, None], axis=0), None
-
-    pair, _ = jax.lax.scan(body, jnp.zeros_like(y), (I, J, W))
-    # pairs s < t counted twice; the s = t terms are E|N(0, 2σ_s²)| = 2σ_s/√π
-    diag = (2.0 / math.sqrt(math.pi)) * sds.sum(0)
-    return t1 - 0.5 * (2.0 * pair + diag) / n_comp**2
-
-
-def mixture_crps(means: np.ndarray, sds: np.ndarray, y: np.ndarray, max_components: int = 100):
-    r"""CRPS of the Gaussian mixture ``(1/S) Σ_s N(μ_s, σ_s²)`` at ``y``, per point, in closed form:
-
-        CRPS = (1/S) Σ_s E|X_s − y| − (1/(2S²)) Σ_{s,t} E|X_s − X_t|
-
-    with ``E|N(m, v)| = m(2Φ(m/√v) − 1) + 2√v φ(m/√v)`` (Grimit et al. 2006). At most
-    ``max_components`` evenly spaced draws are used (the pair term costs ``S²``); jitted,
-    computed relative to ``y`` (so float32 loses nothing at the scale of the errors).
-    """
-    S = means.shape[0]
-    if S > max_components:
-        idx = np.linspace(0, S - 1, max_components).round().astype(int)
-        means, sds = means[idx], sds[idx]
-    y = np.asarray(y, np.float64)
-    # centre on y: the CRPS is translation invariant, and the errors are what float32 keeps
-    centred = np.asarray(means, np.float64) - y[None]
-    out = _mixture_crps_jit(
-        jnp.asarray(centred, jnp.float32),
-        jnp.asarray(sds, jnp.float32),
-        jnp.zeros(y.shape[0], jnp.float32),
-    )
-    return np.asarray(out, np.float64)
-
-
-def score(est: Any, X: np.ndarray, y: np.ndarray, level: float = 0.95) -> dict[str, float]:
-    """The study's metrics of a fitted estimator on test rows ``(X, y)`` (see module docs)."""
-    mu = np.asarray(est.predict(X), np.float64)
-    lo, hi = est.predict_interval(X, level=level)
-    means, sds = _predictive_mixture(est, X)
-    S = means.shape[0]
-    logp = norm.logpdf(y[None], means, sds)
-    return {
-        "rmse": float(np.sqrt(np.mean((mu - y) ** 2))),
-        "mae": float(np.mean(np.abs(mu - y))),
-        "coverage95": float(np.mean((y >= lo) & (y <= hi))),
-        "width95": float(np.mean(np.asarray(hi) - np.asarray(lo))),
-        "mlpd": float(np.mean(logsumexp(logp, axis=0) - math.log(S))),
-        "crps": float(np.mean(mixture_crps(means, sds, y))),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# running
-# --------------------------------------------------------------------------------------------
-
-
 def _method_options(name: str, cfg: StudyConfig, task, seed: int) -> dict[str, Any]:
-    nuts = {
-        "num_warmup": cfg.num_warmup,
-        "num_samples": cfg.num_samples,
-        "num_chains": cfg.num_chains,
-        "seed": seed,
-    }
-    rf = {"n_estimators": cfg.n_estimators, "seed": seed}
-    if name == "source-only":
-        return {}
-    if name == "fine-tuning":
-        return {"seed": seed}
-    if name in ("bayes-last-layer", "pc-last-layer"):
-        return nuts
-    if name == "pretrained-gaussian":
-        return {**nuts, "max_tree_depth": cfg.max_tree_depth}
-    deep = {**nuts, "max_tree_depth": cfg.max_tree_depth}
-    if name == "pc-scale":
-        return {**deep, "max_reference": cfg.pc_scale_reference}
-    if name == "pc-tangent":  # NUTS over (σ, τ) only: no tree-depth limit needed
-        return {**nuts, "max_reference": cfg.pc_scale_reference}
-    if name == "target-only":
-        return {**deep, "hidden": cfg.learner_hidden}
-    arch, base = name.rsplit("-", 1)
-    opts = {**(rf if base == "rf" else {**deep, "hidden": cfg.learner_hidden})}
-    if arch == "multitask":
-        opts["max_source_rows"] = (
+    """The study's options for method ``name`` (:func:`pcbtl.estimators.registry.method_options`
+    with the study's sampler settings and each method's own sizes)."""
+    sampler = {"num_warmup": cfg.num_warmup, "num_samples": cfg.num_samples}
+    sampler["num_chains"] = cfg.num_chains
+    extra: dict[str, Any] = {}
+    base = name.rsplit("-", 1)[-1]
+    if name in ("pretrained-gaussian", "pc-scale", "target-only") or base == "bnn":
+        extra["max_tree_depth"] = cfg.max_tree_depth
+    if name in ("pc-scale", "pc-tangent"):  # pc-tangent: NUTS over (σ, τ), no depth limit needed
+        extra["max_reference"] = cfg.pc_scale_reference
+    if name == "target-only" or base == "bnn":
+        extra["hidden"] = cfg.learner_hidden
+    if base == "rf":
+        extra["n_estimators"] = cfg.n_estimators
+    if name.startswith("multitask-"):
+        extra["max_source_rows"] = (
             cfg.multitask_source_rows if base == "bnn" else cfg.forest_source_rows
         )
     if METHODS[name].uses_source_data:
         k = cfg.forest_source_rows if base == "rf" else len(task.y_source)
-        opts.update({"source_X": task.X_source[:k], "source_y": task.y_source[:k]})
-    return opts
+        extra.update({"source_X": task.X_source[:k], "source_y": task.y_source[:k]})
+    return method_options(name, seed=seed, sampler=sampler, **extra)
 
 
 def _settings(cfg: StudyConfig):
@@ -322,7 +199,7 @@ def run_study(
     def save_meta() -> None:
         if out is not None:
             meta["elapsed_seconds"] = earlier + time.perf_counter() - t_start
-            _atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
+            atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
 
     save_meta()
     for delta, n_t, c in _settings(config):
@@ -367,26 +244,9 @@ def run_study(
                 make_method(name, src, **_method_options(name, config, task, s))
                 for task, src, s in zip(tasks, sources, seeds, strict=True)
             ]
-            errors = [""] * len(ests)
-            # sampler and prior-conflict warnings are recorded per fit (columns below), not
-            # printed once per replicate
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", SamplerWarning)
-                warnings.simplefilter("ignore", PriorDataConflictWarning)
-                if config.batched and all(supports_batching(e) for e in ests):
-                    try:
-                        fit_replicates(ests, [(t.X_target, t.y_target) for t in tasks])
-                    except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
-                        errors = [f"{type(exc).__name__}: {exc}"] * len(ests)
-                        if verbose:
-                            traceback.print_exc()
-                else:
-                    for i, (est, task) in enumerate(zip(ests, tasks, strict=True)):
-                        try:
-                            est.fit(task.X_target, task.y_target)
-                            est.batched_ = False
-                        except Exception as exc:  # noqa: BLE001 - recorded, the study goes on
-                            errors[i] = f"{type(exc).__name__}: {exc}"
+            errors, _ = fit_all(
+                ests, [(t.X_target, t.y_target) for t in tasks], batched=config.batched
+            )
             for r, (est, task, s) in enumerate(zip(ests, tasks, seeds, strict=True)):
                 metrics = dict.fromkeys(METRICS, float("nan"))
                 if not errors[r]:
@@ -411,12 +271,12 @@ def run_study(
                     }
                 )
             if verbose:
-                done = [rw for rw in rows[-len(ests) :]]
-                rmse = np.nanmean([rw["rmse"] for rw in done])
-                cov = np.nanmean([rw["coverage95"] for rw in done])
+                latest = rows[-len(ests) :]
+                rmse = np.nanmean([rw["rmse"] for rw in latest])
+                cov = np.nanmean([rw["coverage95"] for rw in latest])
                 print(
                     f"  {name:<20} {time.perf_counter() - t0:6.1f} s  RMSE {rmse:.3f}  "
-                    f"cover95 {cov:.2f}" + ("  [batched]" if done[0]["batched"] else ""),
+                    f"cover95 {cov:.2f}" + ("  [batched]" if latest[0]["batched"] else ""),
                     flush=True,
                 )
         if out is not None:
@@ -425,7 +285,7 @@ def run_study(
     if out is not None:
         write_csv(rows, out / "results.csv")
         save_meta()
-        _atomic_write_text(
+        atomic_write_text(
             out / "summary.md", summary_markdown(rows, meta["elapsed_seconds"], config)
         )
         plot_results(rows, out)
@@ -433,22 +293,14 @@ def run_study(
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write ``rows`` to ``path`` atomically (a temporary file renamed over the old one)."""
+    """Write ``rows`` to ``path`` atomically (:func:`pcbtl._files.atomic_write_text`)."""
     if not rows:
         return
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def _earlier_seconds(out: Path | None) -> float:
@@ -523,6 +375,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[float, 
 #: "Tied with the best" means a mean paired difference within this many paired standard errors.
 TIE_SE = 1.0
 
+
 _LOWER_IS_BETTER = ("rmse", "mae", "crps")
 
 
@@ -563,7 +416,7 @@ def paired_differences(
 
     For each setting ``(shift, δ, n_T)``, the best method ``b`` has the lowest mean ``metric``
     over its finite replicates (ties in the mean go to the earlier method of
-    :func:`pcbtl.methods.methods`). For each method ``m`` with replicates ``R_m`` (finite values
+    :func:`pcbtl.estimators.registry.methods`). For each method ``m`` with replicates ``R_m`` (finite values
     only: a failed fit is NaN and left out) and the best's ``R_b`` (written for RMSE; any
     lower-is-better ``metric`` alike):
 
@@ -631,15 +484,12 @@ def paired_differences(
 
 def environment() -> dict[str, str]:
     """Date, package versions and machine, for the record."""
-    import jax
     import numpyro
     import sklearn
 
-    import pcbtl
-
     return {
         "date": time.strftime("%Y-%m-%d"),
-        "pcbtl": pcbtl.__version__,
+        "pcbtl": version("pcbtl"),
         "jax": jax.__version__,
         "numpyro": numpyro.__version__,
         "scikit-learn": sklearn.__version__,
@@ -887,9 +737,9 @@ def merge_studies(dirs: list[str | Path], out: str | Path) -> list[dict[str, Any
     config = _config_from_dict({**base_cfg, **union})
     meta = {"config": asdict(config), "merged_from": [str(d) for d in dirs], **environment()}
     meta["elapsed_seconds"] = seconds
-    _atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
+    atomic_write_text(out / "config.json", json.dumps(meta, indent=2, default=str))
     write_csv(rows, out / "results.csv")
-    _atomic_write_text(out / "summary.md", summary_markdown(rows, seconds, config))
+    atomic_write_text(out / "summary.md", summary_markdown(rows, seconds, config))
     plot_results(rows, out)
     return rows
 
@@ -919,7 +769,7 @@ def write_summary(folder: str | Path) -> Path:
         _config_from_dict(meta["config"]),
         env={k: v for k, v in meta.items() if k not in ("config", "merged_from")},
     )
-    _atomic_write_text(folder / "summary.md", text)
+    atomic_write_text(folder / "summary.md", text)
     return folder / "summary.md"
 
 
@@ -994,11 +844,6 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     fig.savefig(p2, dpi=110)
     plt.close(fig)
     return [p1, p2]
-
-
-# --------------------------------------------------------------------------------------------
-# command line
-# --------------------------------------------------------------------------------------------
 
 
 def _parse_delta(text: str) -> Any:

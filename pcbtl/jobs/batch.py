@@ -4,9 +4,9 @@ r"""Many posterior fits at once: a vmapped multi-fit engine and a resumable batc
 *fits* — one (data setting, seed, method, options) each — and runs them:
 
 * **Grouping.** Fits of one method with the same options, sampler settings and data shape form a
-  group. A group whose estimators all allow it (:func:`pcbtl.methods.supports_batching`: every
+  group. A group whose estimators all allow it (:func:`pcbtl.estimators.registry.supports_batching`: every
   method sampled by single-chain NUTS) is sampled as **one vmapped NUTS job** by
-  :func:`pcbtl.methods.fit_replicates` (NumPyro's functional ``hmc`` kernel under
+  :func:`pcbtl.estimators.registry.fit_replicates` (NumPyro's functional ``hmc`` kernel under
   ``jax.vmap``, each replicate with its own step-size and mass-matrix adaptation, compiled once
   per model and shapes); other groups are fitted one by one. With several local JAX devices
   the job's replicate axis is **sharded over all of them** (``NamedSharding``): one program
@@ -74,9 +74,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from pcbtl.inference import SamplerWarning
-from pcbtl.priors import PriorDataConflictWarning
-from pcbtl.transfer import HEALTH_COLUMNS, sampler_health
+from pcbtl._files import atomic_write, atomic_write_text
+from pcbtl.estimators.base import HEALTH_COLUMNS, sampler_health
+from pcbtl.estimators.registry import (
+    METHODS,
+    fit_all,
+    make_method,
+    method_options,
+    supports_batching,
+)
+from pcbtl.estimators.registry import methods as registered
+from pcbtl.evaluation import METRICS, score
+from pcbtl.inference import idata_from_groups
+from pcbtl.networks import SourceModel, train_source
+from pcbtl.simulation import make_synthetic_task
 
 __all__ = [
     "FitSpec",
@@ -91,8 +102,6 @@ __all__ = [
     "ConfigError",
     "JobError",
     "make_batched_log_density",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "add_batch_command",
 ]
 
@@ -121,47 +130,9 @@ RESULT_COLUMNS = (
     "finished_at",
 )
 
-#: Methods that take no NUTS settings (``num_warmup``/``num_samples``).
-_NO_NUTS = ("source-only", "fine-tuning")
-
-
 # --------------------------------------------------------------------------------------------
 # atomic files
 # --------------------------------------------------------------------------------------------
-
-
-def _file_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open()`` would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync'ed,
-    then ``os.replace`` (readers see the old file or the new one, never a partial one).
-
-    The file gets the mode a plain ``open()`` would give it (``0o666`` less the umask), not the
-    ``0o600`` of :func:`tempfile.mkstemp`. On any error the temporary file is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """:func:`atomic_write_bytes` of UTF-8 ``text``."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _to_netcdf(idata: Any, path: str) -> None:
@@ -169,16 +140,7 @@ def _to_netcdf(idata: Any, path: str) -> None:
 
 
 def _atomic_netcdf(idata: Any, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _to_netcdf(idata, tmp)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, write_path=lambda tmp: _to_netcdf(idata, tmp))
 
 
 def _inside(out: Path, path: Path) -> Path:
@@ -281,15 +243,9 @@ def _params(fn: Callable) -> set[str] | None:
     return {n for n, p in sig.parameters.items() if p.kind is not p.VAR_POSITIONAL} - {"self"}
 
 
-def _method_module():
-    import importlib
-
-    return importlib.import_module("pcbtl.methods")
-
-
 def _estimator_class(name: str) -> type | None:
     """The estimator class the registered builder of method ``name`` constructs."""
-    build = _method_module().METHODS[name].build
+    build = METHODS[name].build
     if isinstance(build, type):
         return build
     for cell in getattr(build, "__closure__", None) or ():
@@ -303,7 +259,7 @@ def _estimator_class(name: str) -> type | None:
 
 
 def _takes_sampler(method: str) -> bool:
-    return method not in _NO_NUTS and not method.endswith("-rf")
+    return METHODS[method].uses_sampler
 
 
 def _method_params(name: str) -> set[str] | None:
@@ -320,7 +276,6 @@ def _method_params(name: str) -> set[str] | None:
 
 
 def _check_options(methods: dict[str, dict[str, Any]], sampler: dict[str, Any]) -> None:
-    from pcbtl.methods import methods as registered
 
     valid = registered()
     for name, opts in methods.items():
@@ -352,8 +307,6 @@ def _check_options(methods: dict[str, dict[str, Any]], sampler: dict[str, Any]) 
 
 def _check_tables(raw: dict[str, Any], job_overrides: Iterable[str] = ()) -> None:
     """Every table and key of a raw TOML config against what the runner accepts."""
-    from pcbtl.networks import train_source
-    from pcbtl.simulation import make_synthetic_task
 
     for table in raw:
         if table not in _TABLES:
@@ -579,8 +532,6 @@ _SOURCE_CACHE: dict[str, Any] = {}
 
 
 def _load_task(spec: FitSpec, out: Path) -> _Task:
-    from pcbtl.networks import SourceModel, train_source
-    from pcbtl.simulation import make_synthetic_task
 
     data = {k: v for k, v in spec.data.items() if k != "kind"}
     if spec.data["kind"] == "synthetic":
@@ -647,20 +598,11 @@ def _csv_split(spec: FitSpec):
 
 
 def _method_options(spec: FitSpec) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    if spec.method != "source-only":
-        opts["seed"] = spec.seed
-    if spec.method not in _NO_NUTS and not spec.method.endswith("-rf"):
-        opts.update(spec.sampler)
-    opts.update(spec.options)
-    for k, v in list(opts.items()):
-        if isinstance(v, list):
-            opts[k] = tuple(v)
-    return opts
+    opts = method_options(spec.method, seed=spec.seed, sampler=spec.sampler, **spec.options)
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
 
 
 def _build(spec: FitSpec, source: Any, builders: dict[str, Callable] | None):
-    from pcbtl.methods import make_method
 
     if builders and spec.method in builders:
         return builders[spec.method](source, **_method_options(spec))
@@ -668,41 +610,16 @@ def _build(spec: FitSpec, source: Any, builders: dict[str, Callable] | None):
 
 
 def _fit_chunk(ests, datasets, devices=None):
-    """Fit a chunk: one vmapped job (sharded over ``devices``) if every estimator allows it,
-    else one by one on the first device.
+    """Fit a chunk with :func:`pcbtl.estimators.registry.fit_all` on the first of ``devices``
+    (one vmapped job sharded over ``devices`` where every estimator allows it).
 
     Returns ``(errors, seconds, batched)`` per estimator (``errors[i]`` is ``""`` on success).
-    ``seconds[i]`` is the fit's own time: for a vmapped job, the job's wall time divided evenly
-    over its fits (the replicates run together, so no fit has a time of its own).
     """
-    from pcbtl.methods import fit_replicates, supports_batching
-
-    n = len(ests)
     first = devices[0] if devices else None
     ctx = jax.default_device(first) if first is not None else _nullcontext()
-    with ctx, warnings.catch_warnings():
-        # sampler health and prior-data conflict go into each fit's row (HEALTH_COLUMNS, the
-        # netCDF), not onto the console once per fit
-        warnings.simplefilter("ignore", SamplerWarning)
-        warnings.simplefilter("ignore", PriorDataConflictWarning)
-        if n > 1 and all(supports_batching(e) for e in ests):
-            t0 = time.perf_counter()
-            try:
-                fit_replicates(ests, datasets, devices=devices)
-                sec = (time.perf_counter() - t0) / n
-                return [""] * n, [sec] * n, [True] * n
-            except Exception:  # noqa: BLE001 - one bad replicate must fail alone: refit one by one
-                pass
-        errors, seconds = [], []
-        for est, (X, y) in zip(ests, datasets, strict=True):
-            t0 = time.perf_counter()
-            try:
-                est.fit(X, y)
-                errors.append("")
-            except Exception as exc:  # noqa: BLE001 - recorded, the job goes on
-                errors.append(f"{type(exc).__name__}: {exc}")
-            seconds.append(time.perf_counter() - t0)
-        return errors, seconds, [False] * n
+    with ctx:
+        errors, seconds = fit_all(ests, datasets, devices=devices)
+    return errors, seconds, [bool(getattr(e, "batched_", False)) for e in ests]
 
 
 class _nullcontext:
@@ -728,7 +645,6 @@ def _nonfinite_sites(est: Any) -> list[str]:
 
 
 def _idata_for(est: Any, task: _Task):
-    from pcbtl.inference import idata_from_groups
 
     idata = getattr(est, "idata_", None)
     if idata is not None:
@@ -759,7 +675,6 @@ def _finish(
     A write that fails with ``OSError`` (disk full, permissions) records the fit as failed with
     ``reason = "write error: ..."`` (on disk if the row can still be written; such a fit is rerun
     by the next run) and raises :class:`JobError`: the job stops, nothing half-written stays."""
-    from pcbtl.study import METRICS, score
 
     metrics = dict.fromkeys(METRICS, float("nan"))
     reason = error
@@ -848,7 +763,7 @@ def run_group(
 ) -> list[dict[str, Any]]:
     """Run one group of fits (same model and data shapes) and write each as it finishes.
 
-    A group that :func:`pcbtl.methods.supports_batching` is one vmapped NUTS job (sharded over
+    A group that :func:`pcbtl.estimators.registry.supports_batching` is one vmapped NUTS job (sharded over
     ``devices``, default all local JAX devices); otherwise its fits run one by
     one and each is written as soon as it is done. ``on_fit(row)`` is called after each fit is
     on disk. ``builders`` maps method names to custom estimator builders (tests, extensions).
@@ -910,7 +825,6 @@ def run_group(
     todo = [i for i in range(len(specs)) if i not in failed]
     if not todo:
         return rows
-    from pcbtl.methods import supports_batching
 
     batchable = len(todo) > 1 and all(supports_batching(ests[i]) for i in todo)
     if not batchable:

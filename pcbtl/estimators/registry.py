@@ -1,0 +1,323 @@
+r"""The registry: every transfer-learning method by name, behind one estimator interface.
+
+Every method is a scikit-learn regressor (:class:`pcbtl.estimators.base.RegressorBase`: ``clone``,
+``Pipeline``, ``GridSearchCV`` and pickling work; parameters are checked in ``fit``) with
+``fit(X, y)`` (returns ``self``), ``predict(X, return_std=True)`` (predictive mean and sd),
+``predict_interval(X, level=0.95)`` (``(lower, upper)``) and ``score(X, y)`` (``R²``).
+:func:`methods` lists them by name and :func:`make_method` builds one from a trained
+:class:`pcbtl.SourceModel`:
+
+==========================  ===================================================================
+name                        model
+==========================  ===================================================================
+``source-only``             the source network as it is, ``N(g_S(x), σ_S²)``
+``target-only``             Bayesian network on the target alone (NUTS), ``θ ~ N(0, s²/fan_in)``
+``fine-tuning``             MAP from ``θ_S`` (Adam, early stopping); residual-based interval
+``pretrained-gaussian``     every weight ``~ N(θ_S, (s/√fan_in)²)``, NUTS
+``bayes-last-layer``        ``β ~ N(β_S, τ² I)``, ``τ ~ HalfNormal``, body frozen, NUTS
+``pc-last-layer``           PC prior on the KL distance, last layer (sphere construction)
+``pc-scale``                PC prior on the KL distance, scale construction over chosen layers
+``pc-tangent``              the scale construction on the network linearised at ``θ_S``
+``multitask-{bnn,rf}``      one model for source and target labels, the task as an input
+``difference-{bnn,rf}``     target = source prediction + a learned correction
+``latent-{bnn,rf}``         the source prediction as an extra input of the target model
+==========================  ===================================================================
+
+The last three are the architectures of Hutchinson et al. (2017), with two base learners:
+``bnn`` — the Bayesian network of this package (:class:`pcbtl.BayesianNetworkRegressor`, NUTS),
+and ``rf`` — scikit-learn's random forest with the infinitesimal-jackknife variance of the forest
+mean (Wager, Hastie & Efron 2014), computed by ``forestci.random_forest_error`` (with its
+empirical-Bayes calibration). How each propagates the source model's uncertainty is in its class
+docstring.
+
+Gaussian predictive methods (source-only, fine-tuning, the forests, and the network architectures
+whose source is a point network) return ``N(μ(x), s(x)²)`` and the central interval
+``μ ± z_{(1+level)/2} s``. Posterior-draw methods subclass :class:`pcbtl.estimators.base.PosteriorRegressor`
+and give the exact quantiles of their Gaussian mixture.
+
+The PC estimators are in :mod:`pcbtl.estimators.pc`, the baselines in
+:mod:`pcbtl.estimators.baselines`, the architectures in :mod:`pcbtl.estimators.architectures`.
+:func:`fit_replicates` fits many estimators of one method on many data sets, as one vmapped
+NUTS run where they allow it (:func:`supports_batching`), else one by one.
+
+Example
+-------
+>>> import pcbtl
+>>> pcbtl.methods()[:3]
+['source-only', 'target-only', 'fine-tuning']
+>>> model = pcbtl.make_method("pc-tangent", source).fit(X, y)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pcbtl.estimators.architectures import (
+    DifferenceRegressor,
+    LatentVariableRegressor,
+    MultiTaskRegressor,
+)
+from pcbtl.estimators.baselines import (
+    BASES,
+    BayesianLastLayerRegressor,
+    BayesianNetworkRegressor,
+    FineTuneRegressor,
+    SourceOnlyRegressor,
+    _check_source,
+)
+from pcbtl.estimators.pc import PCTransferRegressor
+from pcbtl.inference import SamplerWarning, plan_key, run_plans
+from pcbtl.networks import SourceModel
+from pcbtl.priors import PriorDataConflictWarning
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A registered method.
+
+    Attributes
+    ----------
+    build
+        ``build(source, **options)`` returns an unfitted estimator.
+    description
+        One line: the model.
+    uses_source_data
+        Whether it can use the labelled source rows (``source_X``/``source_y`` options).
+    uses_sampler
+        Whether it samples a posterior and takes the sampler settings (``num_warmup``,
+        ``num_samples``, ``num_chains``, …); false for point fits and forests.
+    task
+        ``"regression"`` or ``"classification"``: the labels it fits.
+    """
+
+    build: Callable[..., Any]
+    description: str
+    uses_source_data: bool = False
+    uses_sampler: bool = True
+    task: str = "regression"
+
+
+_NUTS_KEYS = ("num_warmup", "num_samples", "seed", "progress_bar")
+
+
+def _pc(prior):
+    def build(source, **options):
+        if prior in ("scale", "tangent"):
+            options.setdefault("transfer_layers", "all")
+        options.setdefault("progress_bar", False)
+        return PCTransferRegressor(_check_source(source), prior=prior, **options)
+
+    return build
+
+
+def _target_only(source, **options):
+    options.setdefault("progress_bar", False)
+    return BayesianNetworkRegressor(None, **options)
+
+
+def _pretrained(source, **options):
+    options.setdefault("progress_bar", False)
+    options.setdefault("prior_scale", 1.0)
+    return BayesianNetworkRegressor(_check_source(source), **options)
+
+
+def _hutchinson(cls, base):
+    def build(source, **options):
+        return cls(source, base=base, **options)
+
+    return build
+
+
+METHODS: dict[str, MethodInfo] = {
+    "source-only": MethodInfo(
+        SourceOnlyRegressor, "the source network as it is, N(g_S(x), σ_S²)", uses_sampler=False
+    ),
+    "target-only": MethodInfo(
+        _target_only,
+        "Bayesian network on the target alone, θ ~ N(0, (prior_scale/√fan_in)²), NUTS",
+    ),
+    "fine-tuning": MethodInfo(
+        FineTuneRegressor,
+        "MAP from θ_S (Adam, early stopping), residual-based interval",
+        uses_sampler=False,
+    ),
+    "pretrained-gaussian": MethodInfo(
+        _pretrained, "every weight ~ N(θ_S, (prior_scale/√fan_in)²), NUTS"
+    ),
+    "bayes-last-layer": MethodInfo(
+        BayesianLastLayerRegressor, "β ~ N(β_S, τ²I), τ ~ HalfNormal, body frozen, NUTS"
+    ),
+    "pc-last-layer": MethodInfo(_pc("last_layer"), "PC prior on the KL distance, last layer"),
+    "pc-scale": MethodInfo(_pc("scale"), "PC prior on the KL distance, scale over all layers"),
+    "pc-tangent": MethodInfo(
+        _pc("tangent"),
+        "PC prior on the KL distance, scale over all layers of the network linearised at θ_S",
+    ),
+}
+
+
+for _arch, _cls in (
+    ("multitask", MultiTaskRegressor),
+    ("difference", DifferenceRegressor),
+    ("latent", LatentVariableRegressor),
+):
+    for _base in BASES:
+        METHODS[f"{_arch}-{_base}"] = MethodInfo(
+            _hutchinson(_cls, _base),
+            f"{_arch} architecture (Hutchinson et al. 2017), base learner {_base}",
+            uses_source_data=(_arch == "multitask" or _base == "rf"),
+            uses_sampler=(_base != "rf"),
+        )
+
+
+def methods() -> list[str]:
+    """Names of the registered transfer-learning methods, in presentation order."""
+    return list(METHODS)
+
+
+def make_method(name: str, source: SourceModel, **options: Any):
+    """Build the method ``name`` (see :func:`methods`) for the trained ``source``.
+
+    ``options`` go to the estimator's constructor (e.g. ``num_warmup``, ``num_samples``,
+    ``seed``; ``prior_scale`` for the Gaussian priors; ``U``, ``alpha``, ``transfer_layers`` for
+    the PC priors; ``source_X``, ``source_y`` for methods that use labelled source rows). An
+    unknown name raises ``ValueError`` listing the valid ones.
+    """
+    if name not in METHODS:
+        raise ValueError(f"name must be one of {methods()}, got {name!r}")
+    _check_source(source)
+    return METHODS[name].build(source, **options)
+
+
+def method_options(
+    name: str, *, seed: int | None = None, sampler: dict[str, Any] | None = None, **options: Any
+) -> dict[str, Any]:
+    """The keyword options :func:`make_method` takes for method ``name`` in a job.
+
+    ``seed`` goes to every method that draws random numbers (all but ``source-only``), the
+    ``sampler`` settings only to methods that sample a posterior (:attr:`MethodInfo.uses_sampler`),
+    then ``options`` (the method's own) override both. The simulation study, the batch runner
+    and the band-gap application build their estimators through this one function.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {methods()}")
+    opts: dict[str, Any] = {}
+    if seed is not None and name != "source-only":
+        opts["seed"] = seed
+    if sampler and METHODS[name].uses_sampler:
+        opts.update(sampler)
+    opts.update(options)
+    return opts
+
+
+def supports_batching(estimator: Any) -> bool:
+    """Whether :func:`fit_replicates` can sample ``estimator`` in a batched job: every method
+    whose posterior is sampled by NUTS — the PC priors (both constructions), the Bayesian last
+    layer, the target-only and pretrained-prior networks, and the Hutchinson architectures
+    with the Bayesian-network base learner."""
+    batchable = getattr(estimator, "_batchable", None)
+    if batchable is None or not hasattr(estimator, "_batch_plan"):
+        return False
+    return bool(batchable())
+
+
+def fit_replicates(
+    estimators: list[Any], datasets: list[tuple[Any, Any]], *, devices: list[Any] | None = None
+) -> list[Any]:
+    """Fit ``estimators[r]`` on ``datasets[r] = (X_r, y_r)``; returns the fitted estimators.
+
+    When every estimator :func:`supports_batching` and their plans share the model, the sampler
+    settings (chains included) and the data shapes, all replicates and their chains are
+    sampled as one compiled NUTS job (:func:`pcbtl.inference.run_plans`; compiled once per
+    model and data shapes, so later batches of the same shapes reuse it) and each
+    ``fit_seconds_`` is the replicate's own set-up time plus the batch time divided by ``R``;
+    the batch is spread over ``devices`` (default all local devices). Otherwise they are
+    fitted one by one. ``batched_`` tells which happened.
+    """
+    if len(estimators) != len(datasets):
+        raise ValueError("estimators and datasets must have the same length")
+
+    def one_by_one():
+        for est, (X, y) in zip(estimators, datasets, strict=True):
+            est.fit(X, y)
+            est.batched_ = False
+        return estimators
+
+    if not estimators or not all(supports_batching(e) for e in estimators):
+        return one_by_one()
+    plans = [e._batch_plan(X, y) for e, (X, y) in zip(estimators, datasets, strict=True)]
+    if len({plan_key(p) for p in plans}) != 1:
+        return one_by_one()
+    t0 = time.perf_counter()
+    posts = run_plans(plans, devices=devices)
+    # the second pass of ``fit`` (PCTransferRegressor, scale prior): a fit whose τ ran past the
+    # grid of r(τ) is sampled again on the extended grid, as alone, so that its result does
+    # not depend on whether it was fitted in a group (each fit's draws are its own plan's)
+    again = {}
+    for r, (est, post, plan) in enumerate(zip(estimators, posts, plans, strict=True)):
+        reach = getattr(est, "_grid_reach", None)
+        reach = reach(post, plan.complete.keywords["setup"]) if reach else 0.0
+        if reach:
+            again[r] = est._batch_plan(*datasets[r], tau_reach=reach)
+    by_key: dict[tuple, list[int]] = {}
+    for r, plan in again.items():
+        by_key.setdefault(plan_key(plan), []).append(r)
+    for rs in by_key.values():
+        for r, post in zip(rs, run_plans([again[r] for r in rs], devices=devices), strict=True):
+            plans[r], posts[r] = again[r], post
+    share = (time.perf_counter() - t0) / len(plans)
+    for est, post, plan, (X, _) in zip(estimators, posts, plans, datasets, strict=True):
+        plan.complete(post, seconds=plan.setup_seconds + share)
+        est._record_features(X)  # feature_names_in_ of a DataFrame, as fit() sets it
+        est.batched_ = True
+    return estimators
+
+
+def fit_all(
+    estimators: list[Any],
+    datasets: list[tuple[Any, Any]],
+    *,
+    batched: bool = True,
+    devices: list[Any] | None = None,
+) -> tuple[list[str], list[float]]:
+    """Fit every estimator on its data set, recording failures instead of raising.
+
+    With ``batched`` and more than one estimator that all :func:`supports_batching`, they are
+    fitted as one vmapped job (:func:`fit_replicates`); if that job raises, they are refitted
+    one by one, so one bad replicate fails alone. The sampler's and the prior–data conflict
+    warnings are not raised (jobs record :func:`pcbtl.estimators.base.sampler_health` per fit
+    instead of printing the same warning for every replicate).
+
+    Returns
+    -------
+    errors
+        ``""`` for a fit that succeeded, else ``"ExceptionType: message"``.
+    seconds
+        Each fit's own time (for a vmapped job, its wall time divided evenly over the fits).
+    """
+    n = len(estimators)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SamplerWarning)
+        warnings.simplefilter("ignore", PriorDataConflictWarning)
+        if batched and n > 1 and all(supports_batching(e) for e in estimators):
+            t0 = time.perf_counter()
+            try:
+                fit_replicates(estimators, datasets, devices=devices)
+                return [""] * n, [(time.perf_counter() - t0) / n] * n
+            except Exception:  # noqa: BLE001 - one bad replicate must fail alone: refit one by one
+                pass
+        errors, seconds = [], []
+        for est, (X, y) in zip(estimators, datasets, strict=True):
+            t0 = time.perf_counter()
+            try:
+                est.fit(X, y)
+                est.batched_ = False
+                errors.append("")
+            except Exception as exc:  # noqa: BLE001 - recorded, the job goes on
+                errors.append(f"{type(exc).__name__}: {exc}")
+            seconds.append(time.perf_counter() - t0)
+    return errors, seconds
