@@ -6,10 +6,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -375,3 +378,94 @@ def test_a_multitask_forest_refit_that_fails_changes_nothing(task, source, monke
         est.fit(task.X_target[:30], task.y_target[:30])
     after = {k: v for k, v in vars(est).items() if k.endswith("_")}
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+
+# --------------------------------------------------------------------------------------------
+# 4: a real SIGKILL of a running job (a subprocess), then resume
+# --------------------------------------------------------------------------------------------
+
+KILLED = textwrap.dedent(
+    """
+    [job]
+    seeds = [0, 1, 2, 3, 4, 5]
+    max_divergence_fraction = 1.0
+    batch_size = 1
+
+    [data]
+    kind = "synthetic"
+    n_source = 120
+    n_target = 24
+    n_test = 30
+    n_features = 3
+    shift = 1.0
+
+    [source]
+    hidden = [4]
+    max_epochs = 5
+
+    [sampler]
+    num_warmup = 30
+    num_samples = 30
+    num_chains = 2
+
+    [methods.pc-last-layer]
+    """
+)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300.0) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds (polled), or fail after ``timeout`` s."""
+    t0 = time.monotonic()
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended before it could be killed (rc {proc.returncode})")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail("the job wrote no fit in time")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
+def test_sigkill_of_a_running_job_loses_nothing_and_resume_finishes_it(tmp_path):
+    path = _write(tmp_path, KILLED)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pcbtl.cli", "batch", str(path), "--out", str(out)]
+    cmd.append("--no-progress")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    fits = out / "fits"
+
+    def n_done() -> int:
+        return len(list(fits.glob("*.json"))) if fits.is_dir() else 0
+
+    # first kill: right after the first fit's files land (the process is mid-job, holding the
+    # lock, with the next fit running); second kill: at a random later moment of the resumed job
+    log = tmp_path / "job.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _kill_when(proc, lambda: n_done() >= 1)
+    first = {p.stem: p.stat().st_mtime_ns for p in fits.glob("*.nc")}
+    assert first, "a finished fit's netCDF must be on disk when its row is"
+    delay = random.Random(os.getpid()).uniform(0.0, 2.0)
+    t_start = time.monotonic()
+    with open(log, "a") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _kill_when(proc, lambda: n_done() > len(first) and time.monotonic() - t_start > delay)
+
+    # what a SIGKILL leaves: a stale lock, maybe orphan temporary files, a table maybe behind
+    assert (out / ".lock").exists()
+    cfg = batch.load_config(path, out=str(out))
+    rows, rerun = _run(cfg)
+    ids = {f.fit_id for f in batch.expand_fits(cfg)}
+    assert set(rows) == ids
+    bad = {k: (r["status"], r["reason"]) for k, r in rows.items() if r["status"] != "ok"}
+    assert not bad
+    assert not set(rerun) & set(first)  # nothing finished before a kill is redone
+    for fid, stamp in first.items():
+        assert (fits / f"{fid}.nc").stat().st_mtime_ns == stamp
+    assert all(batch._netcdf_readable(fits / f"{fid}.nc") for fid in ids)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no orphan left
+    table = (out / "results.csv").read_text().splitlines()
+    assert len(table) == 1 + len(ids)  # the table is not behind the finished fits

@@ -40,6 +40,7 @@ from pcbtl._validation import (
     check_probability,
     check_X,
 )
+from pcbtl.estimators.persistence import Persistable
 from pcbtl.inference import (
     MCMC_METHODS,
     BatchPlan,
@@ -150,7 +151,7 @@ def _without_compiled(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     return out
 
 
-class RegressorBase(RegressorMixin, BaseEstimator):
+class RegressorBase(Persistable, RegressorMixin, BaseEstimator):
     """The scikit-learn base of every estimator in the package.
 
     ``BaseEstimator`` gives ``get_params``/``set_params``, ``clone`` and the ``repr``;
@@ -163,7 +164,8 @@ class RegressorBase(RegressorMixin, BaseEstimator):
     Pickling (``pickle``, ``joblib.dump``) leaves out what cannot be pickled — the jitted
     functions a :class:`pcbtl.SourceModel` caches, and whatever :meth:`_portable_state` of a
     subclass takes out — and :meth:`_restore_state` rebuilds it on load, so predictions after
-    a round trip equal those before.
+    a round trip equal those before. :meth:`save` and :meth:`load` keep a fitted estimator
+    without pickle (:mod:`pcbtl.estimators.persistence`).
     """
 
     #: the attribute a successful ``fit`` sets last

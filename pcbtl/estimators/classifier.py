@@ -49,6 +49,7 @@ from pcbtl.classification.source import (
     logit_parametrization,
     split_logit_trunk,
 )
+from pcbtl.estimators.persistence import Persistable
 from pcbtl.inference import (
     MCMC_METHODS,
     BatchPlan,
@@ -142,7 +143,7 @@ def _subsample(X: np.ndarray, n: int, seed: int) -> np.ndarray:
     return X[keep]
 
 
-class PCTransferClassifier(ClassifierMixin, BaseEstimator):
+class PCTransferClassifier(Persistable, ClassifierMixin, BaseEstimator):
     r"""Bayesian transfer learning for classification with the PC prior on the KL distance.
 
     The target predictive ``Cat(softmax(g_T(x)))`` may move from the source's

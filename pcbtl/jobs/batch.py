@@ -76,6 +76,7 @@ from jax.flatten_util import ravel_pytree
 
 from pcbtl._files import atomic_write, atomic_write_text
 from pcbtl.estimators.base import HEALTH_COLUMNS, sampler_health
+from pcbtl.estimators.persistence import load_estimator, read_idata, save_fit_model
 from pcbtl.estimators.registry import (
     METHODS,
     fit_all,
@@ -98,6 +99,7 @@ __all__ = [
     "run_group",
     "run_job",
     "read_results",
+    "load_fit",
     "read_results_frame",
     "ConfigError",
     "JobError",
@@ -704,6 +706,7 @@ def _finish(
             if idata is not None:
                 _atomic_netcdf(idata, _inside(out, fits_dir / f"{spec.fit_id}.nc"))
                 nc = f"fits/{spec.fit_id}.nc"
+            save_fit_model(est, _inside(out, fits_dir / f"{spec.fit_id}.model.npz"))
         except OSError as exc:
             write_error = f"{_WRITE_ERROR}{_os_error(exc)}"
         except Exception as exc:  # noqa: BLE001
@@ -868,6 +871,57 @@ def _load_rows(out: Path) -> tuple[dict[str, dict[str, Any]], list[Path]]:
             continue
         rows[row["fit_id"]] = row
     return rows, bad
+
+
+def load_fit(out: str | Path, fit_id: str, source: Any = None) -> Any:
+    """The fitted model of fit ``fit_id`` of the batch job in ``out``, as it was after ``fit``.
+
+    Reads ``fits/<fit_id>.model.npz`` (:func:`pcbtl.estimators.persistence.load_estimator`; the job
+    writes it next to the netCDF, without the source and the ArviZ record) with the fit's
+    source: ``source`` if given (checked against the saved fingerprint), else the job's —
+    ``[source] path``, or the cached ``sources/<key>.npz`` of the fit's data setting and seed
+    (found through ``job.json``). ``idata_`` is read from ``fits/<fit_id>.nc``. Predictions
+    equal those of the fitted estimator in the job.
+
+    Raises ``FileNotFoundError`` when the fit has no model file (a failed fit, or a job run by
+    a pcbtl without model files) or its source is gone, ``ValueError`` for an unknown fit id
+    or a source that is not the one the fit used.
+    """
+    out = Path(out)
+    if not isinstance(fit_id, str) or _safe_name(fit_id) != fit_id:
+        raise ValueError(f"{fit_id!r} is not a fit id (a safe file name)")
+    model = _inside(out, out / "fits" / f"{fit_id}.model.npz")
+    if not model.is_file():
+        raise FileNotFoundError(
+            f"no model file for fit {fit_id} in {out / 'fits'} (a fit that raised, or a job "
+            "run by a pcbtl that wrote none)"
+        )
+    if source is None:
+        source = _fit_source(out, fit_id)
+    est = load_estimator(model, source=source)
+    nc = out / "fits" / f"{fit_id}.nc"
+    if "idata_" in vars(est) and est.idata_ is None and nc.is_file():
+        est.idata_ = read_idata(nc)
+    return est
+
+
+def _fit_source(out: Path, fit_id: str) -> Any:
+    """The source model fit ``fit_id`` of the job in ``out`` used (see :func:`load_fit`)."""
+    try:
+        meta = json.loads((out / "job.json").read_text(encoding="utf-8"))
+        settings = dict(meta["config"])
+        settings["seeds"] = tuple(settings["seeds"])
+        config = JobConfig(out=out, **settings)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no job.json in {out}: not a batch job folder") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{out / 'job.json'} does not read as a job config: {exc}") from None
+    spec = next((f for f in expand_fits(config) if f.fit_id == fit_id), None)
+    if spec is None:
+        raise ValueError(f"{fit_id!r} is not a fit of the job in {out} (job.json)")
+    if "path" in spec.source:
+        return SourceModel.load(spec.source["path"])
+    return SourceModel.load(_inside(out, out / "sources" / f"{_source_key(spec)}.npz"))
 
 
 def read_results(out: str | Path) -> dict[str, dict[str, Any]]:
