@@ -56,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pcbtl.classification.source import SourceClassifier
 from pcbtl.estimators.architectures import (
     DifferenceRegressor,
     LatentVariableRegressor,
@@ -69,6 +70,17 @@ from pcbtl.estimators.baselines import (
     SourceOnlyRegressor,
     _check_source,
 )
+from pcbtl.estimators.classification_baselines import (
+    BayesianLastLayerClassifier,
+    DifferenceClassifier,
+    FineTuneClassifier,
+    LatentVariableClassifier,
+    MultiTaskClassifier,
+    PretrainedGaussianClassifier,
+    SourceOnlyClassifier,
+    TargetOnlyClassifier,
+)
+from pcbtl.estimators.classifier import PCTransferClassifier
 from pcbtl.estimators.pc import PCTransferRegressor
 from pcbtl.inference import SamplerWarning, plan_key, run_plans
 from pcbtl.networks import SourceModel
@@ -174,23 +186,119 @@ for _arch, _cls in (
         )
 
 
-def methods() -> list[str]:
-    """Names of the registered transfer-learning methods, in presentation order."""
-    return list(METHODS)
+def _classifier(cls, **defaults):
+    def build(source, **options):
+        return cls(source, **{**defaults, **options})
+
+    return build
 
 
-def make_method(name: str, source: SourceModel, **options: Any):
-    """Build the method ``name`` (see :func:`methods`) for the trained ``source``.
+def _pc_classifier(prior):
+    def build(source, **options):
+        options.setdefault("progress_bar", False)
+        return PCTransferClassifier(source, prior=prior, **options)
 
-    ``options`` go to the estimator's constructor (e.g. ``num_warmup``, ``num_samples``,
-    ``seed``; ``prior_scale`` for the Gaussian priors; ``U``, ``alpha``, ``transfer_layers`` for
-    the PC priors; ``source_X``, ``source_y`` for methods that use labelled source rows). An
-    unknown name raises ``ValueError`` listing the valid ones.
+    return build
+
+
+_C = "classification"
+
+#: the classification methods, by the same names as the regression ones where the model is the
+#: same idea (:mod:`pcbtl.estimators.classification_baselines`); ``make_method`` picks this table
+#: when the source is a :class:`pcbtl.SourceClassifier`
+CLASSIFICATION_METHODS: dict[str, MethodInfo] = {
+    "source-only": MethodInfo(
+        SourceOnlyClassifier, "the source classifier as it is, p_S(y | x)", False, False, _C
+    ),
+    "target-only": MethodInfo(
+        _classifier(TargetOnlyClassifier, base="bnn"),
+        "Bayesian network on the target alone, θ ~ N(0, (prior_scale/√fan_in)²), NUTS",
+        task=_C,
+    ),
+    "fine-tuning": MethodInfo(
+        FineTuneClassifier, "AdamW from θ_S, early stopping on a validation split", False, False, _C
+    ),
+    "pretrained-gaussian": MethodInfo(
+        PretrainedGaussianClassifier, "every weight ~ N(θ_S, (prior_scale/√fan_in)²), NUTS", task=_C
+    ),
+    "bayes-last-layer": MethodInfo(
+        BayesianLastLayerClassifier,
+        "softmax regression on the frozen source features, B ~ N(B_S, τ²s²), NUTS",
+        task=_C,
+    ),
+    "pc-last-layer": MethodInfo(
+        _pc_classifier("last_layer"),
+        "PC prior on the KL distance, last layer (Fisher sphere)",
+        task=_C,
+    ),
+    "pc-scale": MethodInfo(
+        _pc_classifier("scale"), "PC prior on the KL distance, scale over all layers", task=_C
+    ),
+    "forest": MethodInfo(
+        _classifier(TargetOnlyClassifier, base="rf"),
+        "random forest on the target alone, Platt-calibrated",
+        False,
+        False,
+        _C,
+    ),
+}
+for _arch, _cls, _what in (
+    (
+        "multitask",
+        MultiTaskClassifier,
+        "one model of source and target labels, the task as an input",
+    ),
+    ("difference", DifferenceClassifier, "target logits = source logits + a learned correction"),
+    ("latent", LatentVariableClassifier, "the source logits as an extra input of the target model"),
+):
+    for _base in BASES:
+        CLASSIFICATION_METHODS[f"{_arch}-{_base}"] = MethodInfo(
+            _classifier(_cls, base=_base),
+            f"{_what} (Hutchinson et al. 2017), base learner {_base}"
+            + (", Platt-calibrated" if _base == "rf" else ", NUTS"),
+            uses_source_data=(_arch == "multitask"),
+            uses_sampler=(_base != "rf"),
+            task=_C,
+        )
+
+#: the registry of each task
+REGISTRIES = {"regression": METHODS, "classification": CLASSIFICATION_METHODS}
+
+
+def methods(task: str = "regression") -> list[str]:
+    """Names of the registered methods for ``task`` (``"regression"`` or
+    ``"classification"``), in presentation order; :func:`method_table` lists both with their
+    task and description."""
+    if task not in REGISTRIES:
+        raise ValueError(f"task must be one of {list(REGISTRIES)}, got {task!r}")
+    return list(REGISTRIES[task])
+
+
+def method_table() -> list[tuple[str, str, str]]:
+    """``(name, task, description)`` of every registered method, regression first."""
+    return [
+        (n, info.task, info.description) for reg in REGISTRIES.values() for n, info in reg.items()
+    ]
+
+
+def make_method(name: str, source: SourceModel | SourceClassifier, **options: Any):
+    """Build the method ``name`` for the trained ``source``.
+
+    The task follows the source: a :class:`pcbtl.SourceModel` builds a regressor (names from
+    ``methods()``), a :class:`pcbtl.SourceClassifier` a classifier (names from
+    ``methods("classification")``). ``options`` go to the estimator's constructor (e.g.
+    ``num_warmup``, ``num_samples``, ``seed``; ``prior_scale`` for the Gaussian priors; ``U``,
+    ``alpha``, ``transfer_layers`` for the PC priors; ``source_X``, ``source_y`` for methods
+    that use labelled source rows). An unknown name raises ``ValueError`` listing the valid
+    ones for that task.
     """
-    if name not in METHODS:
-        raise ValueError(f"name must be one of {methods()}, got {name!r}")
-    _check_source(source)
-    return METHODS[name].build(source, **options)
+    task = "classification" if isinstance(source, SourceClassifier) else "regression"
+    registry = REGISTRIES[task]
+    if name not in registry:
+        raise ValueError(f"name must be one of {list(registry)} for {task}, got {name!r}")
+    if task == "regression":
+        _check_source(source)
+    return registry[name].build(source, **options)
 
 
 def method_options(
