@@ -151,7 +151,34 @@ def _without_compiled(obj: Any, memo: dict[int, Any] | None = None) -> Any:
     return out
 
 
-class RegressorBase(Persistable, RegressorMixin, BaseEstimator):
+class EstimatorCore(Persistable):
+    """What every estimator of the package shares, regressor or classifier: the fitted check
+    (``NotFittedError`` until the attribute ``_FITTED_ATTRIBUTE`` is set), the input check of
+    prediction methods, and :meth:`save` / :meth:`load` without pickle."""
+
+    #: the attribute a successful ``fit`` sets last
+    _FITTED_ATTRIBUTE = "n_features_in_"
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self._FITTED_ATTRIBUTE in vars(self)
+
+    def _check_fitted(self) -> None:
+        """Raise :class:`sklearn.exceptions.NotFittedError` (a ``ValueError`` and an
+        ``AttributeError``) unless fitted."""
+        if not self.__sklearn_is_fitted__():
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
+
+    def _check_input(self, X: Any) -> np.ndarray:
+        """Fitted check, the feature-name check of scikit-learn (an error when the columns of
+        a DataFrame differ from those seen in ``fit``, a warning when only one of them had
+        names), and ``X`` as a checked float64 array."""
+        self._check_fitted()
+        X_checked = check_X(X, "X", n_features=self.n_features_in_)
+        validate_data(self, X, reset=False, skip_check_array=True, ensure_2d=False)
+        return X_checked
+
+
+class RegressorBase(EstimatorCore, RegressorMixin, BaseEstimator):
     """The scikit-learn base of every estimator in the package.
 
     ``BaseEstimator`` gives ``get_params``/``set_params``, ``clone`` and the ``repr``;
@@ -168,18 +195,6 @@ class RegressorBase(Persistable, RegressorMixin, BaseEstimator):
     without pickle (:mod:`pcbtl.estimators.persistence`).
     """
 
-    #: the attribute a successful ``fit`` sets last
-    _FITTED_ATTRIBUTE = "n_features_in_"
-
-    def __sklearn_is_fitted__(self) -> bool:
-        return self._FITTED_ATTRIBUTE in vars(self)
-
-    def _check_fitted(self) -> None:
-        """Raise :class:`sklearn.exceptions.NotFittedError` (a ``ValueError`` and an
-        ``AttributeError``) unless fitted."""
-        if not self.__sklearn_is_fitted__():
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
-
     def _record_features(self, X: Any) -> None:
         """Set ``feature_names_in_`` from the columns of a DataFrame ``X`` (remove it for any
         other ``X``); ``n_features_in_`` is set by the fit itself."""
@@ -189,15 +204,6 @@ class RegressorBase(Persistable, RegressorMixin, BaseEstimator):
         if names is not None and idata is not None and "constant_data" in idata_groups(idata):
             # the constant_data group's feature dimension, named after the DataFrame's columns
             self.idata_ = idata_with_coords(idata, "constant_data", {"feature": list(names)})
-
-    def _check_input(self, X: Any) -> np.ndarray:
-        """Fitted check, the feature-name check of scikit-learn (an error when the columns of
-        a DataFrame differ from those seen in ``fit``, a warning when only one of them had
-        names), and ``X`` as a checked float64 array."""
-        self._check_fitted()
-        X_checked = check_X(X, "X", n_features=self.n_features_in_)
-        validate_data(self, X, reset=False, skip_check_array=True, ensure_2d=False)
-        return X_checked
 
     # ---- pickling ------------------------------------------------------------------------
     def _portable_state(self, state: dict[str, Any]) -> dict[str, Any]:

@@ -70,7 +70,6 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer import init_to_median, init_to_sample
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import validate_data
 
 from pcbtl._validation import (
@@ -87,6 +86,7 @@ from pcbtl.classification.source import (
     logit_parametrization,
     split_logit_trunk,
 )
+from pcbtl.estimators.base import EstimatorCore
 from pcbtl.estimators.classifier import (
     CHAIN_METHODS,
     _apply_draws_jit,
@@ -360,7 +360,7 @@ def _extended_signature(init: Callable, extra: dict[str, Any]) -> inspect.Signat
     return inspect.Signature([*params[:2], *added, *params[2:]])
 
 
-class _ClassifierBase(ClassifierMixin, BaseEstimator):
+class _ClassifierBase(EstimatorCore, ClassifierMixin, BaseEstimator):
     """Label handling, input checks and the prediction methods of every baseline.
 
     Subclasses implement ``_fit(X, y_idx, K, **options)`` on checked data (storing what they
@@ -371,19 +371,6 @@ class _ClassifierBase(ClassifierMixin, BaseEstimator):
 
     #: whether ``source`` is required (and its classes matched by position)
     _needs_source = True
-
-    def __sklearn_is_fitted__(self) -> bool:
-        return "n_features_in_" in vars(self)
-
-    def _check_fitted(self) -> None:
-        if not self.__sklearn_is_fitted__():
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
-
-    def _check_input(self, X: Any) -> np.ndarray:
-        self._check_fitted()
-        X_checked = check_X(X, "X", n_features=self.n_features_in_)
-        validate_data(self, X, reset=False, skip_check_array=True, ensure_2d=False)
-        return X_checked
 
     def _source(self) -> SourceClassifier | None:
         src = self.source

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import init_to_uniform
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import validate_data
 
 from pcbtl._validation import check_integer, check_X
@@ -49,7 +48,7 @@ from pcbtl.classification.source import (
     logit_parametrization,
     split_logit_trunk,
 )
-from pcbtl.estimators.persistence import Persistable
+from pcbtl.estimators.base import EstimatorCore
 from pcbtl.inference import (
     MCMC_METHODS,
     BatchPlan,
@@ -143,7 +142,7 @@ def _subsample(X: np.ndarray, n: int, seed: int) -> np.ndarray:
     return X[keep]
 
 
-class PCTransferClassifier(Persistable, ClassifierMixin, BaseEstimator):
+class PCTransferClassifier(EstimatorCore, ClassifierMixin, BaseEstimator):
     r"""Bayesian transfer learning for classification with the PC prior on the KL distance.
 
     The target predictive ``Cat(softmax(g_T(x)))`` may move from the source's
@@ -280,18 +279,7 @@ class PCTransferClassifier(Persistable, ClassifierMixin, BaseEstimator):
         self.parametrization = parametrization
 
     # ---- scikit-learn plumbing -------------------------------------------------------------
-    def __sklearn_is_fitted__(self) -> bool:
-        return "posterior_" in vars(self)
-
-    def _check_fitted(self) -> None:
-        if not self.__sklearn_is_fitted__():
-            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X, y)")
-
-    def _check_input(self, X: Any) -> np.ndarray:
-        self._check_fitted()
-        X_checked = check_X(X, "X", n_features=self.n_features_in_)
-        validate_data(self, X, reset=False, skip_check_array=True, ensure_2d=False)
-        return X_checked
+    _FITTED_ATTRIBUTE = "posterior_"
 
     # ---- parameters ------------------------------------------------------------------------
     def _check_params(self) -> None:
