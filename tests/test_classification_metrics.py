@@ -161,3 +161,31 @@ def test_reliability_diagram_draws_bins_and_counts(tmp_path):
     ax.figure.savefig(tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 0
     plt.close(ax.figure)
+
+
+def test_float32_probabilities_score_without_warnings():
+    # a network's float32 softmax rows sum to 1 only to ~1e-7; scikit-learn's log_loss warns
+    # on that unless the rows are renormalised (warnings are errors in this suite)
+    rng = np.random.default_rng(3)
+    z = rng.standard_normal((500, 2)).astype(np.float32)
+    P = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+    P[:, 0] += np.float32(3e-7)
+    y = (rng.random(500) < P[:, 1]).astype(int)
+    s = classification_scores(y, P)
+    assert np.isfinite(list(s.values())).all()
+
+
+def test_calibrated_ece_reference_matches_the_binomial_floor():
+    from pcbtl.classification.metrics import calibrated_ece_reference
+
+    # constant p = 0.5, n = 100: one bin, ECE = |ȳ - 0.5| with 100 ȳ ~ Binomial(100, 1/2):
+    # E = E|B - 50| / 100 = 0.0796 / 2 ... exactly sum_k |k - 50| C(100, k) / 2^100 / 100
+    k = np.arange(101)
+    log_pmf = np.array([math.lgamma(101) - math.lgamma(j + 1) - math.lgamma(101 - j) for j in k])
+    exact = float(np.sum(np.abs(k - 50) / 100 * np.exp(log_pmf - 100 * math.log(2))))
+    mean, q95 = calibrated_ece_reference(np.full(100, 0.5), n_draws=4000, seed=1)
+    # Monte Carlo s.e. ≈ 0.03/sqrt(4000) ≈ 5e-4; tolerance 0.003
+    assert mean == pytest.approx(exact, abs=0.003)
+    assert q95 > mean
+    # certain predictions leave no noise
+    assert calibrated_ece_reference(np.array([0.0, 1.0, 1.0])) == (0.0, 0.0)

@@ -55,6 +55,17 @@ def test_loader_reads_the_shared_copy():
     assert digest == "5b0828561a6c925d96cd0215f78eb1e8d1ca7c05e9e12fcdbdfbcaeaddd73f13"
 
 
+@needs_data
+def test_loader_downloads_into_the_cache_with_a_checksum(tmp_path):
+    csv_sha = "5b0828561a6c925d96cd0215f78eb1e8d1ca7c05e9e12fcdbdfbcaeaddd73f13"
+    d = load_matbench_expt_is_metal(cache_dir=tmp_path, url=METAL_CSV.as_uri(), sha256=csv_sha)
+    assert len(d) == 4921 and (tmp_path / METAL_CSV.name).is_file()
+    # by default the official Matbench hash is required: the CSV copy does not match it
+    with pytest.raises(ValueError, match=MATBENCH_EXPT_IS_METAL.sha256):
+        load_matbench_expt_is_metal(cache_dir=tmp_path / "other", url=METAL_CSV.as_uri())
+    assert not (tmp_path / "other" / METAL_CSV.name).exists()
+
+
 def test_loader_reads_matbench_json_with_bool_targets_and_refuses_other_labels(tmp_path):
     doc = {
         "index": [0, 1, 2],
@@ -202,7 +213,11 @@ def test_quick_run_writes_every_output_and_records_a_failed_method(quick_run):
     # AUC; measured on this fold about 0.95 against 0.90)
     assert by["pc-last-layer"]["roc_auc"] > by["source-only"]["roc_auc"] - 0.01
     summary = (out / "summary.md").read_text()
-    assert GOAL_LINE in summary and "| pc-last-layer | 1 |" in summary
+    assert (
+        GOAL_LINE in summary
+        and "| pc-last-layer | 1 |" in summary
+        and "ece if calibrated" in summary
+    )
     assert "failed: RuntimeError: boom" in summary
     assert any(line.startswith("fold 0 pc-last-layer") for line in lines)
     # out-of-fold probabilities: exactly the test rows of fold 0 are filled

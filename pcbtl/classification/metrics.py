@@ -50,6 +50,7 @@ __all__ = [
     "CalibrationBins",
     "SCORE_NAMES",
     "calibration_bins",
+    "calibrated_ece_reference",
     "classification_scores",
     "expected_calibration_error",
     "reliability_diagram",
@@ -202,6 +203,45 @@ def expected_calibration_error(
     n = bins.counts.sum()
     gap = np.abs(bins.mean_outcome[ok] - bins.mean_score[ok])
     return float(np.round(np.sum(bins.counts[ok] / n * gap), 15))
+
+
+def calibrated_ece_reference(
+    proba: Any, *, n_bins: int = 15, kind: str = "auto", n_draws: int = 200, seed: int = 0
+) -> tuple[float, float]:
+    r"""ECE that a *perfectly calibrated* classifier predicting ``proba`` would score.
+
+    The ECE is biased upwards by binning noise: even when ``P(y = k | p̂) = p̂_k`` exactly,
+    ``ō_b`` scatters around ``s̄_b`` by about ``sqrt(s̄_b(1 − s̄_b)/n_b)``. This Monte Carlo
+    reference draws labels from the predicted probabilities themselves,
+    ``y*_i ~ Categorical(p̂_i)`` (``n_draws`` times), and returns the mean and the 95%
+    quantile of :func:`expected_calibration_error` ``(y*, p̂)``. An observed ECE inside that
+    range is consistent with perfect calibration at this sample size.
+
+    Parameters
+    ----------
+    proba:
+        ``(n,)`` probabilities of class 1, or ``(n, K)``.
+    n_bins, kind:
+        As :func:`expected_calibration_error`.
+    n_draws:
+        Monte Carlo label draws.
+    seed:
+        Seed of the draws.
+
+    Returns
+    -------
+    (float, float)
+        Mean and 95% quantile of the ECE under perfect calibration.
+    """
+    _, P = _check(np.zeros(np.shape(proba)[0], np.int64), proba)
+    rng = np.random.default_rng(seed)
+    cdf = np.cumsum(P, axis=1)
+    values = []
+    for _ in range(int(n_draws)):
+        u = rng.random((P.shape[0], 1))
+        y_star = np.minimum((cdf < u).sum(axis=1), P.shape[1] - 1)
+        values.append(expected_calibration_error(y_star, P, n_bins=n_bins, kind=kind))
+    return float(np.mean(values)), float(np.quantile(values, 0.95))
 
 
 def classification_scores(
