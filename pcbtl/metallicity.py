@@ -87,7 +87,7 @@ GOAL_LINE = (
 )
 GOAL_AUC, GOAL_ECE = 0.975, 0.02
 
-DEFAULT_METHODS = ("pc-last-layer", "pc-scale", "source-only", "forest")
+DEFAULT_METHODS = ("pc-last-layer", "pc-scale", "pc-scale-deep", "source-only", "forest")
 #: Settings that change results: a resumed run must agree on them with the first run.
 _RESULT_KEYS = (
     "source_hidden",
@@ -100,6 +100,9 @@ _RESULT_KEYS = (
     "max_reference",
     "scale_layers",
     "scale_draws",
+    "deep_layers",
+    "deep_draws",
+    "deep_chains",
     "forest_trees",
     "n_bins",
     "seed",
@@ -185,7 +188,12 @@ METALLICITY_METHODS: dict[str, tuple[Factory, str]] = {
     ),
     "pc-scale": (
         _pc("scale"),
-        "PC prior on the KL distance, scale construction on the last layers (NUTS)",
+        "PC prior on the KL distance, scale construction on the last layer(s) (NUTS)",
+    ),
+    "pc-scale-deep": (
+        _pc("scale"),
+        "PC prior on the KL distance, scale construction on the last deep_layers layers, "
+        "hidden layers included (NUTS)",
     ),
     "source-only": (
         lambda source, **options: SourceOnlyClassifier(source, **options),
@@ -257,6 +265,9 @@ class MetallicityConfig:
     max_reference: int = 4000  # reference rows of the PC priors (PCTransferClassifier)
     scale_layers: int = 1  # the scale prior acts on the last ``scale_layers`` layers
     scale_draws: int | None = 300  # warm-up and draws of pc-scale; None: num_warmup/samples
+    deep_layers: int = 2  # pc-scale-deep: the scale prior on the last ``deep_layers`` layers
+    deep_draws: int = 150  # pc-scale-deep: warm-up and draws per chain
+    deep_chains: int = 2  # pc-scale-deep: chains
     forest_trees: int = 300
     n_bins: int = 15
     seed: int = 0
@@ -295,6 +306,13 @@ def _builtin_options(name: str, config: MetallicityConfig) -> dict[str, Any]:
             opts["transfer_layers"] = config.scale_layers
             if config.scale_draws is not None:
                 opts.update(num_warmup=config.scale_draws, num_samples=config.scale_draws)
+        if name == "pc-scale-deep":
+            opts.update(
+                transfer_layers=config.deep_layers,
+                num_warmup=config.deep_draws,
+                num_samples=config.deep_draws,
+                num_chains=config.deep_chains,
+            )
         return opts
     if name == "forest":
         return dict(n_estimators=config.forest_trees, seed=config.seed)

@@ -111,7 +111,7 @@ def test_matbench_folds_are_stratified_seeded_and_partition_the_rows():
 
 def test_method_table_and_registry():
     names = available_methods()
-    for m in ("pc-last-layer", "pc-scale", "source-only", "forest"):
+    for m in ("pc-last-layer", "pc-scale", "pc-scale-deep", "source-only", "forest"):
         assert m in names and names[m][0] is METALLICITY_METHODS[m][0]
 
     def spy(source, **options):
@@ -137,6 +137,13 @@ def test_builtin_options_reach_the_estimators():
         3,
     )
     assert (scale.prior, scale.num_warmup, scale.transfer_layers) == ("scale", 11, 1)
+    deep = facts["pc-scale-deep"]()
+    assert (deep.prior, deep.transfer_layers, deep.num_warmup, deep.num_chains) == (
+        "scale",
+        config.deep_layers,
+        config.deep_draws,
+        config.deep_chains,
+    )
     assert last.progress_bar is False
     forest = facts["forest"]()
     assert forest.estimator.n_estimators == config.forest_trees
