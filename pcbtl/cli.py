@@ -10,6 +10,7 @@ from pcbtl.jobs.batch import add_batch_command
 from pcbtl.jobs.demo import add_demo_command
 from pcbtl.jobs.study import add_simulate_command
 from pcbtl.materials.bandgap import add_bandgap_command
+from pcbtl.materials.metallicity import add_metallicity_command
 
 #: Sub-command registrars: each adds its parser to the ``subparsers`` object.
 COMMANDS: list[Callable] = [
@@ -17,6 +18,7 @@ COMMANDS: list[Callable] = [
     add_simulate_command,
     add_batch_command,
     add_bandgap_command,
+    add_metallicity_command,
 ]
 
 

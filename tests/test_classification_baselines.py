@@ -1,4 +1,4 @@
-"""Classification baselines (:mod:`pcbtl.classification.baselines`).
+"""Classification baselines (:mod:`pcbtl.estimators.classification_baselines`).
 
 Two small tasks on four inputs. ``SOURCE_RIGHT`` (binary): the target labels are drawn from the
 source classifier's own probabilities, so the source is exactly right and every method that

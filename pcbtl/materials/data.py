@@ -8,6 +8,9 @@ Data sets
 * :func:`load_matbench_mp_gap` -- Matbench v0.1 task ``matbench_mp_gap``: 106,113
   Materials Project PBE band gaps (eV), keyed by crystal structure (Jain et al. 2013;
   Dunn et al. 2020). Materials Project data are licensed CC BY 4.0.
+* :func:`load_matbench_expt_is_metal` -- Matbench v0.1 task ``matbench_expt_is_metal``:
+  4,921 experimental metal (1) / non-metal (0) labels keyed by formula, from the same
+  source as ``matbench_expt_gap`` (Zhuo et al. 2018; Dunn et al. 2020); 2,451 metals.
 
 Both are downloaded from the addresses Matbench distributes them at,
 ``https://ml.materialsproject.org/projects/<task>.json.gz``, into a cache directory and
@@ -98,6 +101,7 @@ from pcbtl._validation import check_integer
 
 __all__ = [
     "MATBENCH_EXPT_GAP",
+    "MATBENCH_EXPT_IS_METAL",
     "MATBENCH_MP_GAP",
     "MAX_FILE_BYTES",
     "AseDbData",
@@ -109,6 +113,7 @@ __all__ = [
     "fetch_file",
     "from_ase_db",
     "load_matbench_expt_gap",
+    "load_matbench_expt_is_metal",
     "load_matbench_mp_gap",
     "read_bandgap_file",
     "to_ase_db",
@@ -147,6 +152,15 @@ MATBENCH_MP_GAP = DatasetInfo(
     sha256="58b65746bd88329986ed66031a2ac1369c7c522f7bc9f9081528e07097c2c057",
     n_rows=106113,
     target="gap pbe",
+)
+
+#: Matbench v0.1 ``matbench_expt_is_metal`` (hash from matbench_v0.1_dataset_metadata.json).
+MATBENCH_EXPT_IS_METAL = DatasetInfo(
+    name="matbench_expt_is_metal",
+    url="https://ml.materialsproject.org/projects/matbench_expt_is_metal.json.gz",
+    sha256="8f2a4f9bacdcbc5c2c73615629ee7986f09d39bed40ba7db52b61b2889730887",
+    n_rows=4921,
+    target="is_metal",
 )
 
 _DEFAULT = object()  # sentinel: "use the data set's official checksum"
@@ -827,6 +841,63 @@ def load_matbench_mp_gap(
         duplicates,
         max_bytes,
     )
+
+
+def load_matbench_expt_is_metal(
+    path: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    url: str | None = None,
+    *,
+    sha256: str | None = _DEFAULT,  # type: ignore[assignment]
+    timeout: float = 60.0,
+    duplicates: str = "drop",
+    max_bytes: int = MAX_FILE_BYTES,
+) -> BandGapData:
+    """Load Matbench v0.1 ``matbench_expt_is_metal`` (4,921 experimental metal labels).
+
+    The classification task of Matbench built from the same experimental data as
+    ``matbench_expt_gap`` (Zhuo et al. 2018): one row per composition, deduplicated by
+    Matbench so that no composition is reported both metal and non-metal; target 1 for a
+    metal, 0 for a non-metal (2,451 metals). Every formula of ``matbench_expt_gap`` is here,
+    with target 1 exactly where its gap is 0, plus 317 more.
+
+    Parameters
+    ----------
+    path
+        A local copy (official ``.json.gz``/``.json``, whose ``is_metal`` column holds
+        booleans, or CSV ``formula,target`` with 0/1); when given, nothing is downloaded and
+        no checksum is checked.
+    cache_dir, url, timeout, duplicates, max_bytes
+        As :func:`load_matbench_expt_gap`.
+    sha256
+        Expected SHA-256 of the download; defaults to the official file's hash
+        (``8f2a4f9b...``, from Matbench's dataset metadata), ``None`` skips the check.
+
+    Returns
+    -------
+    BandGapData
+        ``formulas`` and ``y`` (float ``1.0`` metal, ``0.0`` non-metal), in the data set's
+        original order (required by Matbench's folds).
+
+    Raises
+    ------
+    ValueError
+        A bad file (see :func:`read_bandgap_file`), a checksum mismatch, or a target that is
+        not 0 or 1.
+    DownloadError
+        The file could not be downloaded, or not verified (see :func:`fetch_file`).
+    """
+    data = _load(
+        MATBENCH_EXPT_IS_METAL, path, cache_dir, url, sha256, False, timeout, duplicates, max_bytes
+    )
+    bad = ~np.isin(data.y, (0.0, 1.0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(
+            f"{data.source}: target {data.y[i]!r} of {data.formulas[i]} is not 0 or 1 "
+            "(matbench_expt_is_metal labels metals 1 and non-metals 0)"
+        )
+    return data
 
 
 # --------------------------------------------------------------------------------------
