@@ -241,7 +241,7 @@ def test_failed_fits_are_recorded_and_the_job_goes_on(tmp_path):
 _TWO_DEVICES = """
 import sys
 from pathlib import Path
-from pcbtl import batch
+from pcbtl.jobs import batch
 import jax
 assert jax.local_device_count() == 2, jax.devices()
 cfg = batch.load_config(sys.argv[1], out=sys.argv[2], batch_size=64)

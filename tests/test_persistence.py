@@ -5,7 +5,7 @@ SVI, the hurdle model with its calibrated boosted classifier and the PC classifi
 are fitted once on tiny data, then saved and loaded, pickled and put through joblib: every
 prediction must come back bit for bit. Then: a source left out of the file and passed back,
 a wrong source, damaged and forged files, that no member needs pickle, what cannot be saved, and
-the model files of a batch job (:func:`pcbtl.batch.load_fit`).
+the model files of a batch job (:func:`pcbtl.jobs.batch.load_fit`).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def test_hurdle_round_trips_with_equal_predictions(hurdle, small, tmp_path, cali
     est, zero = hurdle
     if calibration != "isotonic":  # the same regressor with another fitted zero classifier
         est = pickle.loads(pickle.dumps(est)).set_params(calibration=calibration)
-        clf = pcbtl.hurdle.zero_classifier(est.classifier, calibration, 5)
+        clf = pcbtl.estimators.hurdle.zero_classifier(est.classifier, calibration, 5)
         est.classifier_ = clf.fit(small.X_target, zero)
     for how, again in _round_trips(est, tmp_path / "h.npz").items():
         assert type(again) is type(est), how
