@@ -16,6 +16,10 @@ Workflow of :func:`run_bandgap` (``pcbtl bandgap``):
 Metals are modelled, not clipped: the ``hurdle-*`` methods are :class:`pcbtl.HurdleRegressor`
 models — ``P(metal | x)`` from gradient-boosted trees (recalibrated by cross-fitted isotonic regression) on the features plus the source network's
 PBE-gap prediction, and a PC-prior transfer model for the gap of non-metals.
+``hurdle-pc-tangent-ensemble`` linearises the average of ``BandGapConfig.ensemble_size`` source
+networks (the same training from seeds ``seed, seed + 1, …``) instead of one
+(:func:`pcbtl.tangent.ensemble_parametrization`); the extra sources are trained once per run and
+saved as ``source_model_<i>.npz``. The classifier's features use the first source alone.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ DEFAULT_METHODS = (
     "latent-rf",
     "hurdle-pc-last-layer",
     "hurdle-pc-tangent",
+    "hurdle-pc-tangent-ensemble",
 )
 
 
