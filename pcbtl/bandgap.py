@@ -19,7 +19,7 @@ PBE-gap prediction, and a PC-prior transfer model for the gap of non-metals.
 ``hurdle-pc-tangent-ensemble`` linearises the average of ``BandGapConfig.ensemble_size`` source
 networks (the same training from seeds ``seed, seed + 1, …``) instead of one
 (:func:`pcbtl.tangent.ensemble_parametrization`); the extra sources are trained once per run and
-saved as ``source_model_<i>.npz``. The classifier's features use the first source alone.
+saved as ``source_model_<i>.npz``; its classifier's PBE-gap feature is their average too.
 """
 
 from __future__ import annotations
@@ -129,9 +129,13 @@ def load_bandgap_tables(data_dir: str | Path | None = None, cache_dir: str | Pat
     return expt, mp
 
 
-def _metal_features(source) -> Callable[[np.ndarray], np.ndarray]:
+def _metal_features(source, ensemble=()) -> Callable[[np.ndarray], np.ndarray]:
+    """The classifier's features: ``X`` and the PBE gap predicted by the source (averaged over
+    ``source`` and ``ensemble`` when there is one)."""
+    nets = [source, *ensemble]
+
     def features(X: np.ndarray) -> np.ndarray:
-        return np.c_[X, source.predict(X)]
+        return np.c_[X, np.mean([net.predict(X) for net in nets], axis=0)]
 
     return features
 
@@ -177,7 +181,10 @@ def bandgap_methods(
     for name in config.methods:
         if name in hurdles:
             factories[name] = lambda prior=hurdles[name]: HurdleRegressor(
-                pc(prior), classifier_features=_metal_features(source)
+                pc(prior),
+                classifier_features=_metal_features(
+                    source, ensemble if prior == "tangent-ensemble" else ()
+                ),
             )
         elif name in METHODS:
             opts: dict[str, Any] = {}

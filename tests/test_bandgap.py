@@ -64,3 +64,10 @@ def test_tangent_ensemble_method_hands_its_sources_to_the_regressor(source):
     assert made["hurdle-pc-tangent"].regressor.ensemble is None
     reg = made["hurdle-pc-tangent-ensemble"].regressor
     assert reg.prior == "tangent" and reg.source is source and list(reg.ensemble) == [other]
+    # the classifier's PBE-gap feature is the sources' average
+    shifted = dataclasses.replace(source, y_mean=source.y_mean + 1.0)
+    made = bandgap_methods(source, config, ensemble=[shifted])
+    X = np.zeros((3, source.n_features))
+    one = made["hurdle-pc-tangent"]().classifier_features(X)[:, -1]
+    two = made["hurdle-pc-tangent-ensemble"]().classifier_features(X)[:, -1]
+    np.testing.assert_allclose(two - one, 0.5, rtol=1e-5)
