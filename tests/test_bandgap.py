@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -54,3 +55,19 @@ def test_bandgap_run_writes_every_output(tmp_path):
 def test_unknown_method_is_rejected(source):
     with pytest.raises(ValueError, match="unknown method 'magic'"):
         bandgap_methods(source, BandGapConfig(methods=("magic",)))
+
+
+def test_tangent_ensemble_method_hands_its_sources_to_the_regressor(source):
+    other = dataclasses.replace(source)
+    config = BandGapConfig(methods=("hurdle-pc-tangent", "hurdle-pc-tangent-ensemble"))
+    made = {k: f() for k, f in bandgap_methods(source, config, ensemble=[other]).items()}
+    assert made["hurdle-pc-tangent"].regressor.ensemble is None
+    reg = made["hurdle-pc-tangent-ensemble"].regressor
+    assert reg.prior == "tangent" and reg.source is source and list(reg.ensemble) == [other]
+    # the classifier's PBE-gap feature is the sources' average
+    shifted = dataclasses.replace(source, y_mean=source.y_mean + 1.0)
+    made = bandgap_methods(source, config, ensemble=[shifted])
+    X = np.zeros((3, source.n_features))
+    one = made["hurdle-pc-tangent"]().classifier_features(X)[:, -1]
+    two = made["hurdle-pc-tangent-ensemble"]().classifier_features(X)[:, -1]
+    np.testing.assert_allclose(two - one, 0.5, rtol=1e-5)

@@ -20,6 +20,7 @@ from pcbtl.kl import distance_curve
 from pcbtl.models import tangent_pc_model
 from pcbtl.networks import transfer_parametrization
 from pcbtl.tangent import (
+    ensemble_parametrization,
     tangent_conditional_eps,
     tangent_jacobian,
     tangent_kappa,
@@ -219,3 +220,70 @@ def test_tangent_prior_distance_samples_and_arguments(task, source):
         pcbtl.PCTransferRegressor(source, prior="tangent", transfer_layers="nope").fit(
             task.X_target, task.y_target
         )
+
+
+@pytest.fixture(scope="module")
+def second_source(task):
+    """The source's architecture from another seed, on labels shifted by 0.3 (so that the
+    members' average differs clearly from either)."""
+    return pcbtl.train_source(
+        task.X_source,
+        task.y_source + 0.3,
+        hidden=(16, 16),
+        seed=1,
+        max_epochs=60,
+        progress_bar=False,
+    )
+
+
+def test_ensemble_parametrization_is_the_averaged_network(task, source, second_source):
+    """The ensemble's network is the members' average, its tangent features are the members'
+    side by side divided by M, so its κ² is the members' mean squared norms over M²."""
+    X = task.X_test[:30]
+    tps = [transfer_parametrization(s, 2) for s in (source, second_source)]
+    ens = ensemble_parametrization(tps)
+    assert ens.theta_source.shape == (2 * tps[0].theta_source.shape[0],)
+    got = np.asarray(ens.predict_fn(ens.theta_source, jnp.asarray(X, jnp.float32)))
+    want = 0.5 * (source.predict(X) + second_source.predict(X))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    J = tangent_jacobian(ens.predict_fn, ens.theta_source, ens.scales, X)
+    blocks = [tangent_jacobian(tp.predict_fn, tp.theta_source, tp.scales, X) for tp in tps]
+    np.testing.assert_allclose(J, 0.5 * np.hstack(blocks), rtol=1e-4, atol=1e-6)
+    kappa = tangent_kappa(ens.predict_fn, ens.theta_source, ens.scales, X)
+    k1, k2 = (tangent_kappa(tp.predict_fn, tp.theta_source, tp.scales, X) for tp in tps)
+    assert kappa == pytest.approx(np.sqrt((k1**2 + k2**2) / 4), rel=1e-4)
+    assert ensemble_parametrization(tps[:1]) is tps[0]
+    with pytest.raises(ValueError, match="architecture"):
+        ensemble_parametrization([tps[0], transfer_parametrization(source, 1)])
+
+
+def test_estimator_with_an_ensemble_moves_from_the_averaged_source(task, source, second_source):
+    """With a prior that pins d near 0 (U = 0.01) the posterior mean is the base model: the
+    average of the two sources, not the first one; the fit mixes and pickles."""
+    X, y = task.X_target, task.y_target
+    Xt = task.X_test[:100]
+    est = pcbtl.PCTransferRegressor(
+        source, prior="tangent", transfer_layers=2, ensemble=[second_source], U=0.01, **FAST
+    ).fit(X, y)
+    avg = 0.5 * (source.predict(Xt) + second_source.predict(Xt))
+    gap = np.sqrt(np.mean((source.predict(Xt) - avg) ** 2))
+    assert gap > 0.1  # the test has teeth: the members differ
+    rms = np.sqrt(np.mean((est.predict(Xt) - avg) ** 2))
+    assert rms < 0.2 * gap
+    assert est.sampler_diagnostics_["prediction_max_rhat"] < 1.03
+    # the collapsed likelihood's residuals are measured from the average: ‖u‖² = ‖c‖² + ρ
+    loc, scale = est.y_affine_
+    stats = est._setup(X, (y - loc) / scale, affine=(loc, scale))["stats"]
+    total = float(np.sum(np.asarray(stats.c, np.float64) ** 2) + float(stats.rho))
+    u_avg = (y - 0.5 * (source.predict(X) + second_source.predict(X))) / scale
+    u_first = (y - source.predict(X)) / scale
+    assert total == pytest.approx(float(np.sum(u_avg**2)), rel=1e-3)
+    assert abs(total - float(np.sum(u_first**2))) > 0.05 * total
+    one = transfer_parametrization(source, 2).theta_source.shape[0]
+    assert est._state["tp"].theta_source.shape == (2 * one,)
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_allclose(again.predict(Xt), est.predict(Xt), rtol=1e-6)
+    with pytest.raises(ValueError, match="ensemble"):
+        pcbtl.PCTransferRegressor(source, prior="scale", ensemble=[second_source]).fit(X, y)
+    with pytest.raises(ValueError, match="ensemble"):
+        pcbtl.PCTransferRegressor(source, prior="tangent", ensemble=[object()]).fit(X, y)

@@ -61,6 +61,7 @@ from pcbtl.networks import (
     _flat_apply,
 )
 from pcbtl.predictive import mixture_quantiles
+from pcbtl.tangent import ensemble_apply
 
 #: the sampler figures a results table records per fit (see :func:`sampler_health`)
 HEALTH_COLUMNS = (
@@ -99,6 +100,7 @@ class _PortableParametrization(NamedTuple):
     scales: np.ndarray
     aux: Any
     architecture: tuple[tuple[int, ...], str, int]
+    members: int = 1  # > 1: the averaged network of an ensemble (pcbtl.tangent)
 
 
 def _architecture(net: SourceModel) -> tuple[tuple[int, ...], str, int]:
@@ -115,6 +117,8 @@ def _portable_parametrization(
         np.asarray(tp.scales),
         jax.device_get(tp.predict_fn.aux),
         architecture,
+        # an ensemble's aux is its members' aux stacked on a leading axis
+        int(np.size(tp.predict_fn.aux["y_mean"])),
     )
 
 
@@ -122,6 +126,8 @@ def _live_parametrization(p: _PortableParametrization) -> TransferParametrizatio
     """Rebuild the parametrization (the same cached apply function as a fresh fit gets)."""
     hidden, activation, n_features = p.architecture
     apply = _flat_apply(tuple(hidden), activation, int(n_features), tuple(p.layers))
+    if p.members > 1:
+        apply = ensemble_apply(apply, int(p.members))
     aux = jax.tree_util.tree_map(jnp.asarray, p.aux)
     return TransferParametrization(
         tuple(p.layers),

@@ -63,6 +63,7 @@ from pcbtl._validation import (
 )
 from pcbtl.estimators.base import (
     PosteriorRegressor,
+    _architecture,
     _batched_apply,
     _check_choice,
     _subsample,
@@ -102,6 +103,7 @@ from pcbtl.priors import (
     reference_gram,
 )
 from pcbtl.tangent import (
+    ensemble_parametrization,
     tangent_conditional_eps,
     tangent_jacobian,
     tangent_kappa,
@@ -149,6 +151,12 @@ class PCTransferRegressor(PosteriorRegressor):
         Gaussian conditional afterwards. It mixes where the deep scale posterior does not
         (measured on the band gaps, ``benchmarks/README.md``), at the price of a model that
         moves from the source only along its tangent space.
+    ensemble:
+        ``prior="tangent"`` only: further source networks of the same architecture (e.g. the
+        same training from other seeds). ``None`` (default) or empty: the base model is
+        ``source``. Otherwise it is the average of ``source`` and these, linearised as one
+        network (:func:`pcbtl.tangent.ensemble_parametrization`): one ``τ``, one ``σ``,
+        ``d = κτ/σ`` measured from the averaged source.
     transfer_layers:
         For ``prior="scale"`` or ``"tangent"``: ``"all"`` (default), ``"last"``, an int ``k`` (last ``k`` layers)
         or layer names (``hidden_0``, ..., ``output``). Must be ``None``/``"last"`` for
@@ -267,8 +275,10 @@ class PCTransferRegressor(PosteriorRegressor):
         parametrization: str = "auto",
         thin: int = 20,
         init_steps: int = 500,
+        ensemble: Any = None,
     ) -> None:
         self.source = source
+        self.ensemble = ensemble
         self.prior = prior
         self.transfer_layers = transfer_layers
         self.U = U
@@ -328,6 +338,16 @@ class PCTransferRegressor(PosteriorRegressor):
             check_positive(self.U_log_sd, "U_log_sd")
         if self.scale not in ("fan_in", "unit"):
             raise ValueError(f"scale must be 'fan_in' or 'unit', got {self.scale!r}")
+        if self.ensemble is not None and len(self.ensemble) > 0:
+            if self.prior != "tangent":
+                raise ValueError("ensemble needs prior='tangent'")
+            arch = _architecture(self.source)
+            for net in self.ensemble:
+                if not isinstance(net, SourceModel) or _architecture(net) != arch:
+                    raise ValueError(
+                        "ensemble must hold pcbtl.SourceModel networks of the source's "
+                        f"architecture {arch}"
+                    )
 
     def _parametrization(self) -> str:
         """``parametrization`` with ``"auto"`` resolved: centred under MCLMC, non-centred
@@ -388,6 +408,12 @@ class PCTransferRegressor(PosteriorRegressor):
             )
         elif self.prior == "tangent":
             tp = transfer_parametrization(src, self._layers_arg(), scale=self.scale)
+            if self.ensemble:
+                members = [
+                    transfer_parametrization(net.rescaled(*affine), tp.layers, scale=self.scale)
+                    for net in self.ensemble
+                ]
+                tp = ensemble_parametrization([tp, *members])
             Xref_c = _subsample(Xref, int(self.max_reference), self.seed)
             kappa = tangent_kappa(tp.predict_fn, tp.theta_source, tp.scales, Xref_c)
             if not (np.isfinite(kappa) and kappa > 0):
@@ -398,7 +424,7 @@ class PCTransferRegressor(PosteriorRegressor):
             setup.update(tp=tp, kappa=kappa, curve_reference_size=int(Xref_c.shape[0]))
             if X is not None and y is not None:
                 J = tangent_jacobian(tp.predict_fn, tp.theta_source, tp.scales, X)
-                setup["stats"] = tangent_stats(J, y - src.predict(X))
+                setup["stats"] = tangent_stats(J, y - self._base_predict(setup, X))
         else:
             tp = transfer_parametrization(src, self._layers_arg(), scale=self.scale)
             rng = np.random.default_rng(self.seed)
@@ -431,6 +457,14 @@ class PCTransferRegressor(PosteriorRegressor):
             )
         setup["seconds"] = time.perf_counter() - t0
         return setup
+
+    def _base_predict(self, setup: dict[str, Any], X: np.ndarray) -> np.ndarray:
+        """The base model's mean ``g_S(X)`` (standardised units): the source, or with
+        ``ensemble`` the averaged network of ``setup["tp"]``."""
+        if self.prior == "tangent" and self.ensemble:
+            tp = setup["tp"]
+            return np.asarray(tp.predict_fn(tp.theta_source, jnp.asarray(X, jnp.float32)), float)
+        return setup["source"].predict(X)
 
     def _model_kwargs(self, setup: dict[str, Any], X=None, y=None) -> dict[str, Any]:
         common = {
@@ -640,7 +674,7 @@ class PCTransferRegressor(PosteriorRegressor):
         )
         Xd = self._diagnostic_inputs(X, setup)
         means = np.asarray(self._posterior_means_from(posterior, Xd, setup), np.float64)
-        shift = _realised_shift(means, setup["source"].predict(Xd), posterior.flat("sigma"))
+        shift = _realised_shift(means, self._base_predict(setup, Xd), posterior.flat("sigma"))
         idata = self._finish(
             posterior,
             X,

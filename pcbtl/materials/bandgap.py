@@ -16,6 +16,10 @@ Workflow of :func:`run_bandgap` (``pcbtl bandgap``):
 Metals are modelled, not clipped: the ``hurdle-*`` methods are :class:`pcbtl.HurdleRegressor`
 models — ``P(metal | x)`` from gradient-boosted trees (recalibrated by cross-fitted isotonic regression) on the features plus the source network's
 PBE-gap prediction, and a PC-prior transfer model for the gap of non-metals.
+``hurdle-pc-tangent-ensemble`` linearises the average of ``BandGapConfig.ensemble_size`` source
+networks (the same training from seeds ``seed, seed + 1, …``) instead of one
+(:func:`pcbtl.tangent.ensemble_parametrization`); the extra sources are trained once per run and
+saved as ``source_model_<i>.npz``; its classifier's PBE-gap feature is their average too.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ DEFAULT_METHODS = (
     "latent-rf",
     "hurdle-pc-last-layer",
     "hurdle-pc-tangent",
+    "hurdle-pc-tangent-ensemble",
 )
 
 
@@ -90,6 +95,7 @@ class BandGapConfig:
     scale_layers: int = 2  # the scale prior acts on the last ``scale_layers`` layers
     scale_inference: str = "nuts"
     scale_draws: int | None = 300  # warm-up and draws of the scale fits; None: the estimator's
+    ensemble_size: int = 4  # source networks (seeds seed, seed + 1, ...) of the *-ensemble methods
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -131,15 +137,22 @@ def load_bandgap_tables(data_dir: str | Path | None = None, cache_dir: str | Pat
     return expt, mp
 
 
-def _metal_features(source) -> Callable[[np.ndarray], np.ndarray]:
+def _metal_features(source, ensemble=()) -> Callable[[np.ndarray], np.ndarray]:
+    """The classifier's features: ``X`` and the PBE gap predicted by the source (averaged over
+    ``source`` and ``ensemble`` when there is one)."""
+    nets = [source, *ensemble]
+
     def features(X: np.ndarray) -> np.ndarray:
-        return np.c_[X, source.predict(X)]
+        return np.c_[X, np.mean([net.predict(X) for net in nets], axis=0)]
 
     return features
 
 
-def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None) -> dict:
-    """Factories ``name -> () -> estimator`` for the methods of ``config`` on ``source``."""
+def bandgap_methods(
+    source, config: BandGapConfig, source_X=None, source_y=None, ensemble=()
+) -> dict:
+    """Factories ``name -> () -> estimator`` for the methods of ``config`` on ``source``;
+    ``ensemble`` holds the further source networks of ``hurdle-pc-tangent-ensemble``."""
 
     sampler = dict(num_warmup=config.num_warmup, num_samples=config.num_samples, seed=config.seed)
     quiet = dict(progress_bar=False)
@@ -155,19 +168,28 @@ def bandgap_methods(source, config: BandGapConfig, source_X=None, source_y=None)
     def pc(prior: str) -> PCTransferRegressor:
         if prior == "scale":
             return PCTransferRegressor(source, prior=prior, seed=config.seed, **scale_opts, **quiet)
-        if prior == "tangent":
+        if prior in ("tangent", "tangent-ensemble"):
             return PCTransferRegressor(
-                source, prior=prior, transfer_layers=config.scale_layers, **sampler, **quiet
+                source,
+                prior="tangent",
+                transfer_layers=config.scale_layers,
+                ensemble=tuple(ensemble) if prior == "tangent-ensemble" else None,
+                **sampler,
+                **quiet,
             )
         return PCTransferRegressor(source, prior=prior, **sampler, **quiet)
 
     hurdles = {f"hurdle-pc-{p.replace('_', '-')}": p for p in ("last_layer", "scale", "tangent")}
+    hurdles["hurdle-pc-tangent-ensemble"] = "tangent-ensemble"
 
     factories: dict[str, Callable[[], Any]] = {}
     for name in config.methods:
         if name in hurdles:
             factories[name] = lambda prior=hurdles[name]: HurdleRegressor(
-                pc(prior), classifier_features=_metal_features(source)
+                pc(prior),
+                classifier_features=_metal_features(
+                    source, ensemble if prior == "tangent-ensemble" else ()
+                ),
             )
         elif name in METHODS:
             opts: dict[str, Any] = {}
@@ -253,7 +275,28 @@ def run_bandgap(
         f"  validation RMSE {source.noise_sd:.3f} eV after {source.info['epochs_run']} epochs "
         f"({time.perf_counter() - t0:.0f} s)"
     )
-    factories = bandgap_methods(source, config, source_X=Xs[:5000], source_y=ys[:5000])
+    ensemble = []
+    if any(m.endswith("-ensemble") for m in config.methods):
+        for i in range(1, int(config.ensemble_size)):
+            t0 = time.perf_counter()
+            net = train_source(
+                Xs,
+                ys,
+                hidden=config.source_hidden,
+                batch_size=256,
+                seed=config.seed + i,
+                featurizer=featurizer.to_dict(),
+                progress_bar=False,
+            )
+            net.save(out / f"source_model_{i}.npz")
+            ensemble.append(net)
+            progress(
+                f"  ensemble source {i} (seed {config.seed + i}): validation RMSE "
+                f"{net.noise_sd:.3f} eV ({time.perf_counter() - t0:.0f} s)"
+            )
+    factories = bandgap_methods(
+        source, config, source_X=Xs[:5000], source_y=ys[:5000], ensemble=ensemble
+    )
     folds = list(KFold(n_splits=5, shuffle=True, random_state=MATBENCH_SEED).split(Xt))
     rows: list[dict] = []
     oof = {m: np.full((3, len(yt)), np.nan) for m in factories}
