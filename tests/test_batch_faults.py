@@ -387,7 +387,7 @@ def test_a_multitask_forest_refit_that_fails_changes_nothing(task, source, monke
 KILLED = textwrap.dedent(
     """
     [job]
-    seeds = [0, 1, 2, 3, 4, 5]
+    seeds = [0, 1, 2, 3]
     max_divergence_fraction = 1.0
     batch_size = 1
 
@@ -406,7 +406,7 @@ KILLED = textwrap.dedent(
     [sampler]
     num_warmup = 30
     num_samples = 30
-    num_chains = 2
+    num_chains = 1
 
     [methods.pc-last-layer]
     """

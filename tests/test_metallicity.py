@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from shared_data import SHARED_DATA
 
+from pcbtl.estimators.classification_baselines import SourceOnlyClassifier
+from pcbtl.estimators.registry import CLASSIFICATION_METHODS
 from pcbtl.materials.data import MATBENCH_EXPT_IS_METAL, load_matbench_expt_is_metal
 from pcbtl.materials.metallicity import (
     GOAL_LINE,
     MATBENCH_SEED,
     METALLICITY_METHODS,
     MetallicityConfig,
-    SourceOnlyClassifier,
     add_metallicity_command,
     available_methods,
     matbench_folds,
@@ -111,8 +112,10 @@ def test_matbench_folds_are_stratified_seeded_and_partition_the_rows():
 
 def test_method_table_and_registry():
     names = available_methods()
-    for m in ("pc-last-layer", "pc-scale", "pc-scale-deep", "source-only", "forest"):
+    for m in ("pc-scale-deep", "forest"):  # the application's own win over the registry's
         assert m in names and names[m][0] is METALLICITY_METHODS[m][0]
+    for m in ("pc-last-layer", "pc-scale", "source-only", "latent-rf"):
+        assert names[m][0] is CLASSIFICATION_METHODS[m].build
 
     def spy(source, **options):
         return ("spy", options)
