@@ -268,6 +268,7 @@ def test_vmapped_group_is_sharded_over_local_devices(tmp_path):
     assert eval(devices) == ["sharded over 2 devices"] and all_batched == "True", res.stdout
 
 
+@pytest.mark.slow  # the optional Dask engine (42 s)
 def test_dask_local_cluster_runs_a_job(tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     text = TINY.replace("seeds = [0, 1, 2]", "seeds = [0, 1]") + textwrap.dedent(

@@ -34,6 +34,7 @@ def _check(rows, value_index):
         assert math.isfinite(v) and v >= 0, r
 
 
+@pytest.mark.slow  # a benchmark's smoke run (88 s); opt-in
 def test_bench_batch_quick(tmp_path):
     mod = _load("bench_batch")
     rows = mod.main(["--quick", "--out", str(tmp_path / "b.md")])

@@ -88,6 +88,7 @@ def test_mclmc_needs_two_parameters():
         run_mclmc(one, {}, num_warmup=10, num_samples=2, thin=1, num_chains=1)
 
 
+@pytest.mark.slow  # a statistical agreement of two samplers (35 s)
 def test_scale_prior_with_mclmc_agrees_with_nuts(task, source):
     # the same posterior sampled by NUTS (non-centred) and MCLMC (centred, from separate
     # starts): posterior means of the mean function agree to 0.05 RMS (Monte Carlo error of each

@@ -252,6 +252,7 @@ def test_batched_replicates_match_one_by_one_fits(task, source):
 
 
 @pytest.mark.filterwarnings("ignore::pcbtl.inference.SamplerWarning")  # short chains: batching
+@pytest.mark.slow  # every NUTS method batched (97 s); test_batched_replicates_match_one_by_one_fits stays in the default run
 def test_batching_covers_every_nuts_method_and_compiles_once(task, source):
     # every single-chain NUTS method batches; point estimates and forests do not
     src_data = {"source_X": task.X_source, "source_y": task.y_source}

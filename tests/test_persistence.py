@@ -151,7 +151,20 @@ def _round_trips(est, path: Path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [*pcbtl.methods(), "pc-svi"])
+#: round-tripped in the default run; the other methods' round trips are opt-in (``-m slow``):
+#: each needs its own NUTS compile, and these cover every kind of state (point fits, forests,
+#: the three PC priors, SVI)
+_DEFAULT_ROUND_TRIPS = ("source-only", "fine-tuning", "pc-last-layer", "pc-scale", "pc-tangent")
+_DEFAULT_ROUND_TRIPS += ("multitask-rf", "latent-rf", "pc-svi")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        n if n in _DEFAULT_ROUND_TRIPS else pytest.param(n, marks=pytest.mark.slow)
+        for n in [*pcbtl.methods(), "pc-svi"]
+    ],
+)
 def test_every_method_round_trips_with_equal_predictions(name, fitted, small, tmp_path):
     est = fitted(name)
     X = small.X_test

@@ -227,6 +227,7 @@ def test_simulate_is_registered_in_the_cli(capsys):
     assert "--quick" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the quick study of every method (112 s); test_studies_run_in_parts_merge_into_one stays in the default run
 def test_quick_study_writes_every_method_and_metric(tmp_path):
     # a smaller grid than `pcbtl simulate --quick` (which takes ~10 min on 2 cores): δ = 0 only,
     # 2 replicates, 40 target rows, short chains, small networks

@@ -244,6 +244,7 @@ def test_target_only_bayesian_network(task):
     assert 0.8 <= _interval_coverage(bnn, task.X_test, task.y_test) <= 1.0
 
 
+@pytest.mark.slow  # a statistical agreement of three samplers (34 s)
 def test_the_three_samplers_of_the_scale_model_agree(task, source):
     # one prior written two ways and sampled three ways (joint NUTS non-centred and centred,
     # NUTS within Gibbs with interweaved τ updates): the posterior predictive means agree. With
