@@ -296,8 +296,9 @@ def _source_from_bytes(data: bytes, kind: str) -> Any:
 
 
 def _is_idata(obj: Any) -> bool:
-
-    return isinstance(obj, az.InferenceData) or isinstance(obj, getattr(xr, "DataTree", ()))
+    """An ArviZ record: ``InferenceData`` (ArviZ 0.x) or an xarray ``DataTree`` (ArviZ 1.x,
+    which has no ``InferenceData``)."""
+    return isinstance(obj, (getattr(az, "InferenceData", ()), getattr(xr, "DataTree", ())))
 
 
 def _idata_bytes(idata: Any) -> bytes:
@@ -886,12 +887,12 @@ def save_estimator(
 
 
 def save_fit_model(est: Any, path: str | Path) -> Path | None:
-    """The model file of a batch fit (:func:`pcbtl.batch.load_fit` reads it): ``est`` saved
+    """The model file of a batch fit (:func:`pcbtl.jobs.batch.load_fit` reads it): ``est`` saved
     without its source and without ``idata_`` (the job keeps both: the source in
     ``sources/`` or at ``[source] path``, the ArviZ record in ``fits/<fit_id>.nc``).
 
     Returns ``path``, or ``None`` with a ``RuntimeWarning`` when the estimator holds something
-    the format does not store (the fit itself stands; only :func:`pcbtl.batch.load_fit` cannot
+    the format does not store (the fit itself stands; only :func:`pcbtl.jobs.batch.load_fit` cannot
     rebuild it). An ``OSError`` (disk full, permissions) propagates: the job records it as a
     write error.
     """
@@ -902,7 +903,7 @@ def save_fit_model(est: Any, path: str | Path) -> Path | None:
     except Exception as exc:  # noqa: BLE001 - the fit stands without its model file
         warnings.warn(
             f"the fitted model was not saved to {path} ({type(exc).__name__}: {exc}); "
-            "pcbtl.batch.load_fit cannot rebuild this fit",
+            "pcbtl.jobs.batch.load_fit cannot rebuild this fit",
             RuntimeWarning,
             stacklevel=2,
         )
