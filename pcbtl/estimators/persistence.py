@@ -298,7 +298,9 @@ def _source_from_bytes(data: bytes, kind: str) -> Any:
 def _is_idata(obj: Any) -> bool:
     """An ArviZ record: ``InferenceData`` (ArviZ 0.x) or an xarray ``DataTree`` (ArviZ 1.x,
     which has no ``InferenceData``)."""
-    return isinstance(obj, (getattr(az, "InferenceData", ()), getattr(xr, "DataTree", ())))
+    if ARVIZ_MAJOR >= 1:  # touching az.InferenceData there raises a MigrationWarning
+        return isinstance(obj, getattr(xr, "DataTree", ()))
+    return isinstance(obj, az.InferenceData)
 
 
 def _idata_bytes(idata: Any) -> bytes:
