@@ -28,6 +28,7 @@ def bench():
         sys.modules.pop("bench_core", None)
 
 
+@pytest.mark.slow  # a benchmark's smoke run (39 s); opt-in
 def test_quick_benchmark_table(bench, tmp_path, capsys):
     out = tmp_path / "bench.md"
     rows = bench.main(["--quick", "--out", str(out)])

@@ -372,6 +372,7 @@ def test_batched_sampler_progress_bar_follows_the_iterations(capsys):
     assert not _PROGRESS_BARS
 
 
+@pytest.mark.slow  # recompiles every sampler (46 s); opt-in
 def test_clear_caches_frees_the_compiled_samplers_and_fits_still_work():
     from pcbtl.inference.nuts import _INIT_CACHE, _batched_sampler, run_nuts_batched
 
