@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 from shared_data import SHARED_DATA
 
-from pcbtl.materials.bandgap import PUBLISHED_MAE, BandGapConfig, bandgap_methods, run_bandgap
+from pcbtl.classification import train_source_classifier
+from pcbtl.estimators.classifier import PCTransferClassifier
+from pcbtl.estimators.pc import PCTransferRegressor
+from pcbtl.materials.bandgap import (
+    PUBLISHED_MAE,
+    BandGapConfig,
+    bandgap_methods,
+    metal_config,
+    run_bandgap,
+)
 
 BANDGAP = SHARED_DATA / "bandgap"
 needs_data = pytest.mark.skipif(
@@ -71,3 +80,30 @@ def test_tangent_ensemble_method_hands_its_sources_to_the_regressor(source):
     one = made["hurdle-pc-tangent"]().classifier_features(X)[:, -1]
     two = made["hurdle-pc-tangent-ensemble"]().classifier_features(X)[:, -1]
     np.testing.assert_allclose(two - one, 0.5, rtol=1e-5)
+
+
+def test_metal_classifier_option_builds_a_pc_classifier_on_the_metal_source(source):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, source.n_features))
+    metal_source = train_source_classifier(
+        X, X[:, 0] > 0, hidden=(4,), max_epochs=3, progress_bar=False
+    )
+    config = BandGapConfig(
+        methods=("hurdle-pc-last-layer", "pc-last-layer"),
+        metal_classifier="pc-scale",
+        metal_settings={"scale_draws": 40, "num_chains": 3},
+    )
+    made = {k: f() for k, f in bandgap_methods(source, config, metal_source=metal_source).items()}
+    hurdle = made["hurdle-pc-last-layer"]
+    clf = hurdle.classifier
+    assert isinstance(clf, PCTransferClassifier) and clf.source is metal_source
+    assert (clf.prior, clf.num_warmup, clf.num_samples, clf.num_chains) == ("scale", 40, 40, 3)
+    # the posterior's own probabilities: no cross-fitted recalibration, no extra features
+    assert hurdle.calibration is None and hurdle.classifier_features is None
+    assert isinstance(made["pc-last-layer"], PCTransferRegressor)  # other methods unchanged
+    with pytest.raises(ValueError, match="needs metal_source"):
+        bandgap_methods(source, config)
+    with pytest.raises(ValueError, match="metal_classifier must be 'trees' or one of"):
+        bandgap_methods(source, dataclasses.replace(config, metal_classifier="magic"))
+    with pytest.raises(ValueError, match=r"unknown MetallicityConfig field\(s\) \['draws'\]"):
+        metal_config(dataclasses.replace(config, metal_settings={"draws": 3}))

@@ -20,6 +20,16 @@ PBE-gap prediction, and a PC-prior transfer model for the gap of non-metals.
 networks (the same training from seeds ``seed, seed + 1, …``) instead of one
 (:func:`pcbtl.tangent.ensemble_parametrization`); the extra sources are trained once per run and
 saved as ``source_model_<i>.npz``; its classifier's PBE-gap feature is their average too.
+
+``BandGapConfig.metal_classifier`` chooses ``P(metal | x)`` of every ``hurdle-*`` method:
+``"trees"`` (the boosted trees above) or a method of the metallicity application
+(:func:`pcbtl.materials.metallicity.available_methods`, e.g. ``"pc-scale-deep"``): then a source
+*classifier* is trained on the PBE metal labels (gap exactly 0) of the same MP rows, saved as
+``metal_source_model.npz``, and the hurdle's classifier is that method — for the PC methods the
+PC prior on the KL distance from the DFT classifier — fitted on the band-gap *training* fold's
+metal labels only (``matbench_expt_is_metal`` holds every band-gap test material, so fitting on
+it would leak the test labels), with its own posterior probabilities (no recalibration).
+``benchmarks/hurdle_classifier.py`` compares the choices with the same positive part.
 """
 
 from __future__ import annotations
@@ -37,12 +47,14 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import KFold
 
+from pcbtl.classification import train_source_classifier
 from pcbtl.estimators.hurdle import HurdleRegressor
 from pcbtl.estimators.pc import PCTransferRegressor
 from pcbtl.estimators.registry import METHODS, make_method, method_options
 from pcbtl.evaluation import interval_scores
 from pcbtl.materials.data import load_matbench_expt_gap, load_matbench_mp_gap
 from pcbtl.materials.features import CompositionFeaturizer
+from pcbtl.materials.metallicity import MetallicityConfig, available_methods, method_factories
 from pcbtl.networks import train_source
 from pcbtl.plots import parity_plot
 
@@ -96,6 +108,12 @@ class BandGapConfig:
     scale_inference: str = "nuts"
     scale_draws: int | None = 300  # warm-up and draws of the scale fits; None: the estimator's
     ensemble_size: int = 4  # source networks (seeds seed, seed + 1, ...) of the *-ensemble methods
+    #: P(metal) of the hurdle-* methods: "trees" (boosted trees on the features and the source's
+    #: PBE gap, isotonic recalibration) or a metallicity method name (e.g. "pc-scale-deep") on a
+    #: source classifier of the PBE metal labels
+    metal_classifier: str = "trees"
+    #: MetallicityConfig fields (sampler, network) of that method and of its source classifier
+    metal_settings: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -148,11 +166,64 @@ def _metal_features(source, ensemble=()) -> Callable[[np.ndarray], np.ndarray]:
     return features
 
 
+def metal_config(config: BandGapConfig) -> MetallicityConfig:
+    """The :class:`pcbtl.materials.metallicity.MetallicityConfig` of the hurdle's ``P(metal)``
+    when ``config.metal_classifier`` is not ``"trees"``: the metallicity application's
+    defaults (the settings its five-fold table was measured with), the band-gap run's source
+    network size and seed, then ``config.metal_settings``. ``ValueError`` for an unknown method
+    or setting."""
+    known = available_methods()
+    if config.metal_classifier not in ("trees", *known):
+        raise ValueError(
+            f"metal_classifier must be 'trees' or one of {sorted(known)}, "
+            f"got {config.metal_classifier!r}"
+        )
+    fields = set(MetallicityConfig.__dataclass_fields__)
+    unknown = sorted(set(config.metal_settings) - fields)
+    if unknown:
+        raise ValueError(f"metal_settings: unknown MetallicityConfig field(s) {unknown}")
+    settings = dict(source_hidden=config.source_hidden, seed=config.seed)
+    settings.update(config.metal_settings)
+    return MetallicityConfig(methods=(config.metal_classifier,), **settings)
+
+
+def train_metal_source(X: np.ndarray, gap: np.ndarray, config: BandGapConfig, featurizer=None):
+    """The source classifier of ``P(metal)``: :func:`pcbtl.classification.train_source_classifier`
+    on the PBE labels ``metal = (gap == 0)`` (classes ``[False, True]``: non-metal, metal), with
+    the network of :func:`metal_config`."""
+    mc = metal_config(config)
+    return train_source_classifier(
+        X,
+        np.asarray(gap) == 0.0,
+        hidden=mc.source_hidden,
+        max_epochs=mc.source_max_epochs,
+        batch_size=256,
+        seed=mc.seed,
+        featurizer=featurizer,
+        progress_bar=False,
+    )
+
+
 def bandgap_methods(
-    source, config: BandGapConfig, source_X=None, source_y=None, ensemble=()
+    source,
+    config: BandGapConfig,
+    source_X=None,
+    source_y=None,
+    ensemble=(),
+    metal_source=None,
 ) -> dict:
     """Factories ``name -> () -> estimator`` for the methods of ``config`` on ``source``;
-    ``ensemble`` holds the further source networks of ``hurdle-pc-tangent-ensemble``."""
+    ``ensemble`` holds the further source networks of ``hurdle-pc-tangent-ensemble``;
+    ``metal_source`` the source classifier of ``P(metal)`` (:func:`train_metal_source`), needed
+    when ``config.metal_classifier`` is not ``"trees"``."""
+    metal = metal_config(config)  # checks the name and the settings
+    if config.metal_classifier != "trees":
+        if metal_source is None:
+            raise ValueError(
+                f"metal_classifier={config.metal_classifier!r} needs metal_source, the source "
+                "classifier of the PBE metal labels (train_metal_source)"
+            )
+        metal_factory = method_factories(metal_source, metal)[config.metal_classifier]
 
     sampler = dict(num_warmup=config.num_warmup, num_samples=config.num_samples, seed=config.seed)
     quiet = dict(progress_bar=False)
@@ -185,12 +256,17 @@ def bandgap_methods(
     factories: dict[str, Callable[[], Any]] = {}
     for name in config.methods:
         if name in hurdles:
-            factories[name] = lambda prior=hurdles[name]: HurdleRegressor(
-                pc(prior),
-                classifier_features=_metal_features(
-                    source, ensemble if prior == "tangent-ensemble" else ()
-                ),
-            )
+            if config.metal_classifier == "trees":
+                factories[name] = lambda prior=hurdles[name]: HurdleRegressor(
+                    pc(prior),
+                    classifier_features=_metal_features(
+                        source, ensemble if prior == "tangent-ensemble" else ()
+                    ),
+                )
+            else:
+                factories[name] = lambda prior=hurdles[name]: HurdleRegressor(
+                    pc(prior), metal_factory(), calibration=None
+                )
         elif name in METHODS:
             opts: dict[str, Any] = {}
             if METHODS[name].uses_sampler:
@@ -294,8 +370,23 @@ def run_bandgap(
                 f"  ensemble source {i} (seed {config.seed + i}): validation RMSE "
                 f"{net.noise_sd:.3f} eV ({time.perf_counter() - t0:.0f} s)"
             )
+    metal_source = None
+    if config.metal_classifier != "trees" and any(m.startswith("hurdle") for m in config.methods):
+        t0 = time.perf_counter()
+        metal_source = train_metal_source(Xs, ys, config, featurizer=featurizer.to_dict())
+        metal_source.save(out / "metal_source_model.npz")
+        progress(
+            f"  metal source classifier ({config.metal_classifier} hurdles): validation log loss "
+            f"{metal_source.info['validation_log_loss']:.3f} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
     factories = bandgap_methods(
-        source, config, source_X=Xs[:5000], source_y=ys[:5000], ensemble=ensemble
+        source,
+        config,
+        source_X=Xs[:5000],
+        source_y=ys[:5000],
+        ensemble=ensemble,
+        metal_source=metal_source,
     )
     folds = list(KFold(n_splits=5, shuffle=True, random_state=MATBENCH_SEED).split(Xt))
     rows: list[dict] = []
@@ -368,7 +459,8 @@ def _summary(rows, config, source, n_source, n_target, jax_version) -> str:
         f"KFold(5, shuffle=True, random_state={MATBENCH_SEED}), folds {list(config.folds)}; "
         f"mean over folds.",
         f"{date.today().isoformat()}; pcbtl source {config.source_hidden} (validation RMSE "
-        f"{source.noise_sd:.3f} eV); jax {jax_version}, numpyro {numpyro.__version__}; "
+        f"{source.noise_sd:.3f} eV); hurdle P(metal): {config.metal_classifier}; "
+        f"jax {jax_version}, numpyro {numpyro.__version__}; "
         f"{platform.machine()} CPU, Python {platform.python_version()}.",
         "",
         "| method | " + " | ".join(cols) + " |",
@@ -437,6 +529,9 @@ def add_bandgap_command(sub) -> None:
             config.methods = tuple(args.methods.split(","))
         if args.folds:
             config.folds = tuple(int(f) for f in args.folds.split(","))
+        if args.metal_classifier:
+            config.metal_classifier = args.metal_classifier
+        metal_config(config)  # a clear error before any data is loaded
         run_bandgap(args.out, config=config, data_dir=args.data_dir, cache_dir=args.cache_dir)
         return 0
 
@@ -449,4 +544,10 @@ def add_bandgap_command(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/pcbtl)")
     p.add_argument("--methods", default=None, help="comma-separated method names")
     p.add_argument("--folds", default=None, help="comma-separated fold numbers 0-4")
+    p.add_argument(
+        "--metal-classifier",
+        default=None,
+        help="P(metal) of the hurdle-* methods: 'trees' (default) or a metallicity method "
+        "name such as pc-scale-deep (PC prior from a DFT metal classifier)",
+    )
     p.set_defaults(func=run)
