@@ -109,8 +109,9 @@ CLASSIFICATION_LOGIT_SCALE = 3.0
 
 class SyntheticClassificationTask(NamedTuple):
     """Source rows, target rows and held-out target test rows of a classification task, with
-    labels ``0 … K−1``, and the true target class probabilities ``p_test`` ``(n_test, K)`` at
-    ``X_test`` (for oracle scores)."""
+    labels ``0 … K−1``; the true target class probabilities ``p_test`` ``(n_test, K)`` at
+    ``X_test`` (for oracle scores) and the source model's, ``p_source_test``, at the same
+    inputs (how far the target moved)."""
 
     X_source: np.ndarray
     y_source: np.ndarray
@@ -119,6 +120,7 @@ class SyntheticClassificationTask(NamedTuple):
     X_test: np.ndarray
     y_test: np.ndarray
     p_test: np.ndarray
+    p_source_test: np.ndarray
     n_classes: int
 
 
@@ -221,7 +223,8 @@ def make_synthetic_classification_task(
     Returns
     -------
     SyntheticClassificationTask
-        Labels ``0 … K−1``; ``p_test`` the true target probabilities ``(n_test, K)``.
+        Labels ``0 … K−1``; ``p_test`` the true target probabilities ``(n_test, K)`` and
+        ``p_source_test`` the source model's at ``X_test``.
 
     Example
     -------
@@ -264,4 +267,5 @@ def make_synthetic_classification_task(
         yt = _draw_labels(rng, _probabilities(target_logits(Xt)))
         if np.bincount(yt, minlength=n_classes).min() >= min_class_count:
             break
-    return SyntheticClassificationTask(Xs, ys, Xt, yt, Xe, ye, pe, int(n_classes))
+    pse = _probabilities(source_logits(Xe))
+    return SyntheticClassificationTask(Xs, ys, Xt, yt, Xe, ye, pe, pse, int(n_classes))
