@@ -97,7 +97,7 @@ class _TaskView(NamedTuple):
     primary: str  # ranked, and paired against the best (lower is better)
     label: str  # its name in text
     calibration: str  # the calibration column of the grid table and the headline
-    calibration_short: str  # its name in the progress lines and the grid heading
+    calibration_short: str  # its name in the progress lines
     calibration_digits: int
     calibration_worst: Any  # min (coverage: the lowest is the worst) or max (ECE)
     calibration_headline: tuple[str, str]  # (column heading, phrase of the intro)
@@ -744,7 +744,7 @@ def summary_markdown(
     lines += ["", "## Over all settings", "", _headline_markdown(summ, paired, task).rstrip("\n")]
     lines += [
         "",
-        f"## {view.label} ({view.calibration_short}) by target size",
+        f"## {view.label} ({view.headings[view.metrics.index(view.calibration)]}) by target size",
         "",
         _grid_markdown(summ, task).rstrip("\n"),
     ]
