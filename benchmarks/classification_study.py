@@ -19,29 +19,38 @@ parallel processes (``--n-targets``) and be merged with ``pcbtl simulate --merge
 
 Measured cost of one replicate at n_T = 500 (δ = 1, every method, n_S = 5,000, 4 chains of
 150 + 150 draws run one after another; one process, ``nice -n 19``, on the 2-core AMD EPYC
-development machine, with a test run beside it part of the time), seconds per method
-(fitting and scoring on the 2,000 test rows; the source classifier's training first):
+development machine with a ``pytest`` run of ``tests/test_study.py`` beside it for part of
+the two-class run and all of the three-class run, so these are upper figures), wall seconds
+per method (fitting, with each fit's JIT compilation, and scoring on the 2,000 test rows):
 
 ==========================  =======  =======
 method                      K = 2    K = 3
 ==========================  =======  =======
-source training             9        TBD
-source-only                 0.8      TBD
-target-only                 40.3     TBD
-fine-tuning                 4.8      TBD
-pretrained-gaussian         37.2     TBD
-bayes-last-layer            49.9     TBD
-pc-last-layer               70.7     TBD
-pc-scale                    100.1    TBD
-forest                      4.0      TBD
-multitask-bnn               TBD      TBD
-multitask-rf                TBD      TBD
-difference-bnn              TBD      TBD
-difference-rf               TBD      TBD
-latent-bnn                  TBD      TBD
-latent-rf                   TBD      TBD
-total                       TBD      TBD
+source training             9        22
+source-only                 0.8      1.2
+target-only                 40.3     63.5
+fine-tuning                 4.8      8.2
+pretrained-gaussian         37.2     77.1
+bayes-last-layer            49.9     57.2
+pc-last-layer               70.7     190.9
+pc-scale                    100.1    105.5
+forest                      4.0      3.9
+multitask-bnn               66.4     95.4
+multitask-rf                7.2      4.0
+difference-bnn              69.1     30.4
+difference-rf               5.3      3.8
+latent-bnn                  73.0     49.9
+latent-rf                   4.6      3.1
+total (with the summary)    546      719
 ==========================  =======  =======
+
+The NUTS methods take 95% of it. Planning figure: the grid is 4 δ × 5 n_T × 20 replicates =
+400 replicates per class count; at the n_T = 500 cost that is 61 h (K = 2) + 80 h (K = 3) of
+one process, an upper bound (smaller targets make cheaper gradients, but compilation and the
+reference rows of the PC priors do not shrink with n_T; a guess of 50-70% of it on average
+gives 70-100 process-hours, about 35-50 h on two cores running k2 and k3 side by side). The
+PC classifiers' replicates are sampled as one vmapped job (``batched=True``), which may
+change their share. Fewer replicates (``--replicates 5``) or chains cut it in proportion.
 """
 
 from __future__ import annotations
