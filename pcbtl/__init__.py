@@ -36,7 +36,7 @@ from pcbtl.inference import (
 )
 from pcbtl.networks import SourceModel, train_source, transfer_parametrization
 from pcbtl.priors import LastLayerPC, ScalePC, pc_rate
-from pcbtl.simulation import make_synthetic_task
+from pcbtl.simulation import make_synthetic_classification_task, make_synthetic_task
 
 __version__ = "0.1.0"
 
@@ -56,6 +56,7 @@ __all__ = [
     "make_log_density",
     "make_method",
     "methods",
+    "make_synthetic_classification_task",
     "make_synthetic_task",
     "models",
     "pc_rate",

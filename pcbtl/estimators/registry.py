@@ -302,21 +302,27 @@ def make_method(name: str, source: SourceModel | SourceClassifier, **options: An
 
 
 def method_options(
-    name: str, *, seed: int | None = None, sampler: dict[str, Any] | None = None, **options: Any
+    name: str,
+    *,
+    seed: int | None = None,
+    sampler: dict[str, Any] | None = None,
+    task: str = "regression",
+    **options: Any,
 ) -> dict[str, Any]:
-    """The keyword options :func:`make_method` takes for method ``name`` in a job.
+    """The keyword options :func:`make_method` takes for method ``name`` of ``task`` in a job.
 
     ``seed`` goes to every method that draws random numbers (all but ``source-only``), the
     ``sampler`` settings only to methods that sample a posterior (:attr:`MethodInfo.uses_sampler`),
     then ``options`` (the method's own) override both. The simulation study, the batch runner
     and the band-gap application build their estimators through this one function.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {methods()}")
+    valid = methods(task)  # a ValueError for an unknown task
+    if name not in valid:
+        raise ValueError(f"unknown method {name!r}; choose from {valid}")
     opts: dict[str, Any] = {}
     if seed is not None and name != "source-only":
         opts["seed"] = seed
-    if sampler and METHODS[name].uses_sampler:
+    if sampler and REGISTRIES[task][name].uses_sampler:
         opts.update(sampler)
     opts.update(options)
     return opts

@@ -26,6 +26,20 @@ Outputs of :func:`run_study`: ``results.csv`` (one row per setting, replicate an
 ``summary.md`` (means ± standard errors over replicates, and each method's RMSE difference from
 the setting's best with a *paired* standard error: :func:`paired_differences`),
 ``rmse_vs_ntarget.png`` and ``coverage.png``, and ``config.json``.
+
+Classification (``StudyConfig(task="classification", n_classes=K)``, ``K ∈ {2, 3}``): the
+same inputs and grid, with labels drawn from teacher logits
+(:func:`pcbtl.simulation.make_synthetic_classification_task`: each source logit a teacher of
+sd 3, the target's shifted by ``δ`` independent unit-RMS teachers, ``δ ∈ {0, 1, 2}`` in logit
+units, or ``"unrelated"``), a source classifier
+(:func:`pcbtl.classification.train_source_classifier`) and every method of
+:data:`pcbtl.estimators.registry.CLASSIFICATION_METHODS`. Metrics on the test rows
+(:data:`CLASSIFICATION_METRICS`, :func:`pcbtl.evaluation.classification.classification_scores`):
+log loss, Brier score, accuracy and the expected calibration error (15 equal-width bins, of
+``P(y = 1)`` for two classes, of the top label for three); each row also carries the same
+scores of the true probabilities (``oracle_*``: the floor that no method beats but by the
+noise of the test labels). Methods are ranked and paired on the log loss; the plots are
+``logloss_vs_ntarget.png`` and ``ece.png``.
 """
 
 from __future__ import annotations
@@ -40,26 +54,108 @@ import platform
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from pcbtl._files import atomic_write_text
+from pcbtl.classification import train_source_classifier
 from pcbtl.estimators.base import sampler_health
 from pcbtl.estimators.registry import (
-    METHODS,
+    REGISTRIES,
     fit_all,
     make_method,
     method_options,
     methods,
 )
 from pcbtl.evaluation import METRICS, score
+from pcbtl.evaluation.classification import classification_scores
 from pcbtl.networks import train_source
-from pcbtl.simulation import make_synthetic_task
+from pcbtl.simulation import (
+    CLASSIFICATION_LOGIT_SCALE,
+    make_synthetic_classification_task,
+    make_synthetic_task,
+)
+
+#: The scores of a classification study, in table order (lower is better but for accuracy).
+CLASSIFICATION_METRICS = ("log_loss", "brier", "accuracy", "ece")
+#: The same scores of the true test probabilities, on every row of a classification study.
+ORACLE_COLUMNS = tuple(f"oracle_{m}" for m in CLASSIFICATION_METRICS)
+TASKS = ("regression", "classification")
+
+
+class _TaskView(NamedTuple):
+    """What the tables and plots of a study of one task show."""
+
+    metrics: tuple[str, ...]  # the scores of a fit, in table order
+    headings: tuple[str, ...]  # their table headings
+    columns: tuple[str, ...]  # every number a scored fit records (metrics, then any oracle)
+    primary: str  # ranked, and paired against the best (lower is better)
+    label: str  # its name in text
+    calibration: str  # the calibration column of the grid table and the headline
+    calibration_short: str  # its name in the progress lines
+    calibration_digits: int
+    calibration_worst: Any  # min (coverage: the lowest is the worst) or max (ECE)
+    calibration_headline: tuple[str, str]  # (column heading, phrase of the intro)
+    legend: str
+    plots: tuple[str, str]  # file names: primary vs n_T, calibration boxplot
+    axis_labels: tuple[str, str, str]  # primary axis, calibration axis, calibration title
+    calibration_line: float | None  # the nominal value drawn in the boxplot
+
+
+VIEWS = {
+    "regression": _TaskView(
+        METRICS,
+        ("RMSE", "MAE", "coverage95", "width95", "MLPD", "CRPS"),
+        METRICS,
+        "rmse",
+        "RMSE",
+        "coverage95",
+        "cover95",
+        2,
+        min,
+        ("coverage95 mean (lowest)", "mean and lowest coverage of the 95% interval"),
+        "RMSE/MAE/CRPS: lower is better; coverage95: nominal 0.95; MLPD: higher is better.",
+        ("rmse_vs_ntarget.png", "coverage.png"),
+        ("test RMSE", "95% interval coverage", "coverage over all settings and replicates"),
+        0.95,
+    ),
+    "classification": _TaskView(
+        CLASSIFICATION_METRICS,
+        ("log loss", "Brier", "accuracy", "ECE"),
+        (*CLASSIFICATION_METRICS, *ORACLE_COLUMNS),
+        "log_loss",
+        "log loss",
+        "ece",
+        "ECE",
+        3,
+        max,
+        ("ECE mean (highest)", "mean and highest expected calibration error"),
+        "log loss (nats)/Brier/ECE: lower is better; accuracy: higher is better. The row "
+        "*true probabilities* scores the data-generating probabilities themselves (the "
+        "floor, up to the noise of the test labels).",
+        ("logloss_vs_ntarget.png", "ece.png"),
+        (
+            "test log loss (dotted: true probabilities)",
+            "expected calibration error",
+            "ECE over all settings and replicates",
+        ),
+        None,
+    ),
+}
+
+
+def _task_of(rows: list[dict[str, Any]]) -> str:
+    """``"classification"`` for rows with a log loss column, else ``"regression"``."""
+    return "classification" if rows and "log_loss" in rows[0] else "regression"
+
+
+def _method_order(task: str) -> dict[str, int]:
+    return {m: i for i, m in enumerate(methods(task))}
 
 
 @dataclass(frozen=True)
@@ -78,6 +174,13 @@ class StudyConfig:
     multi-task network.
     ``batched=True`` fits the replicates of a setting in one vmapped NUTS job where the model
     allows it (:func:`pcbtl.estimators.registry.supports_batching`).
+
+    ``task``: ``"regression"`` (default) or ``"classification"`` with ``n_classes`` ``K ∈
+    {2, 3}`` (default 2; ``None`` for regression); ``deltas`` are then logit shifts, and
+    ``noise_sd`` is not used. ``methods`` ``None`` (default): every method of the task
+    (:func:`pcbtl.estimators.registry.methods`). ``pc_scale_reference`` caps the reference
+    rows of ``pc-scale``, ``pc-tangent`` and, for classification, ``pc-last-layer`` (whose
+    Fisher-sphere prior evaluates every reference row at each NUTS step).
     """
 
     deltas: tuple[Any, ...] = (0.0, 0.5, 1.0, 2.0, "unrelated")
@@ -88,7 +191,7 @@ class StudyConfig:
     n_test: int = 2000
     n_features: int = 10
     noise_sd: float = 0.2
-    methods: tuple[str, ...] = field(default_factory=lambda: tuple(methods()))
+    methods: tuple[str, ...] | None = None
     source_hidden: tuple[int, ...] = (16, 16)
     source_max_epochs: int = 300
     learner_hidden: tuple[int, ...] = (16,)
@@ -102,11 +205,27 @@ class StudyConfig:
     pc_scale_reference: int = 2000
     batched: bool = True
     seed: int = 0
+    task: str = "regression"
+    n_classes: int | None = None
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "classification":
+            if self.n_classes is None:
+                object.__setattr__(self, "n_classes", 2)
+            if self.n_classes not in (2, 3):
+                raise ValueError(f"n_classes must be 2 or 3, got {self.n_classes!r}")
+        elif self.n_classes is not None:
+            raise ValueError("n_classes is for task='classification' only; leave it None")
+        if self.methods is None:
+            object.__setattr__(self, "methods", tuple(methods(self.task)))
+        unknown = [m for m in self.methods if m not in REGISTRIES[self.task]]
         if unknown:
-            raise ValueError(f"methods holds unknown name(s) {unknown}; valid: {methods()}")
+            raise ValueError(
+                f"methods holds unknown name(s) {unknown} for {self.task}; "
+                f"valid: {methods(self.task)}"
+            )
         for d in self.deltas:
             if d != "unrelated" and not (isinstance(d, int | float) and d >= 0):
                 raise ValueError(f"deltas must be non-negative numbers or 'unrelated', got {d!r}")
@@ -126,6 +245,30 @@ QUICK = StudyConfig(
     n_estimators=100,
     source_max_epochs=150,
     multitask_source_rows=500,
+    pc_scale_reference=1000,
+)
+
+
+#: The classification grid: δ ∈ {0, 1, 2} logit units and unrelated, n_T from 25 to 500,
+#: 20 replicates, every classification method (``replace(CLASSIFICATION, n_classes=3)`` for
+#: three classes).
+CLASSIFICATION = StudyConfig(task="classification", deltas=(0.0, 1.0, 2.0, "unrelated"))
+
+#: The ``--quick --task classification`` grid (CI): δ ∈ {0, unrelated}, n_T = 50, 2 replicates,
+#: five fast methods, one chain of 100 + 100 draws.
+QUICK_CLASSIFICATION = StudyConfig(
+    task="classification",
+    deltas=(0.0, "unrelated"),
+    n_targets=(50,),
+    n_replicates=2,
+    n_source=2000,
+    n_test=1000,
+    methods=("source-only", "fine-tuning", "forest", "bayes-last-layer", "pc-last-layer"),
+    num_warmup=100,
+    num_samples=100,
+    num_chains=1,
+    n_estimators=100,
+    source_max_epochs=150,
     pc_scale_reference=1000,
 )
 
@@ -150,20 +293,67 @@ def _method_options(name: str, cfg: StudyConfig, task, seed: int) -> dict[str, A
     base = name.rsplit("-", 1)[-1]
     if name in ("pretrained-gaussian", "pc-scale", "target-only") or base == "bnn":
         extra["max_tree_depth"] = cfg.max_tree_depth
-    if name in ("pc-scale", "pc-tangent"):  # pc-tangent: NUTS over (σ, τ), no depth limit needed
+    if name in ("pc-scale", "pc-tangent") or (  # pc-tangent: NUTS over (σ, τ), any depth
+        name == "pc-last-layer" and cfg.task == "classification"
+    ):
         extra["max_reference"] = cfg.pc_scale_reference
     if name == "target-only" or base == "bnn":
         extra["hidden"] = cfg.learner_hidden
-    if base == "rf":
+    if base in ("rf", "forest"):
         extra["n_estimators"] = cfg.n_estimators
     if name.startswith("multitask-"):
         extra["max_source_rows"] = (
             cfg.multitask_source_rows if base == "bnn" else cfg.forest_source_rows
         )
-    if METHODS[name].uses_source_data:
+    if REGISTRIES[cfg.task][name].uses_source_data:
         k = cfg.forest_source_rows if base == "rf" else len(task.y_source)
         extra.update({"source_X": task.X_source[:k], "source_y": task.y_source[:k]})
-    return method_options(name, seed=seed, sampler=sampler, **extra)
+    return method_options(name, seed=seed, sampler=sampler, task=cfg.task, **extra)
+
+
+def _draw_task(cfg: StudyConfig, delta: Any, n_t: int, c: float, seed: int):
+    """Replicate ``seed`` of setting ``(δ, n_T, c)``: the data of the study's task."""
+    common = dict(
+        n_source=cfg.n_source,
+        n_target=n_t,
+        n_test=cfg.n_test,
+        n_features=cfg.n_features,
+        covariate_shift=c,
+        unrelated=delta == "unrelated",
+        seed=seed,
+    )
+    shift = 0.0 if delta == "unrelated" else float(delta)
+    if cfg.task == "classification":
+        return make_synthetic_classification_task(
+            n_classes=int(cfg.n_classes), delta=shift, **common
+        )
+    return make_synthetic_task(shift=shift, noise_sd=cfg.noise_sd, **common)
+
+
+def _train_source(cfg: StudyConfig, task, seed: int):
+    """The source network of one replicate (a regressor or a classifier)."""
+    trainer = train_source_classifier if cfg.task == "classification" else train_source
+    return trainer(
+        task.X_source,
+        task.y_source,
+        hidden=cfg.source_hidden,
+        max_epochs=cfg.source_max_epochs,
+        seed=seed,
+        progress_bar=False,
+    )
+
+
+def _score_fit(cfg: StudyConfig, est, task) -> dict[str, float]:
+    """The metric columns of one fitted method on the replicate's test rows; for
+    classification also the ``oracle_*`` scores of the true probabilities."""
+    if cfg.task == "regression":
+        return score(est, task.X_test, task.y_test)
+    got = classification_scores(task.y_test, est.predict_proba(task.X_test))
+    true = classification_scores(task.y_test, task.p_test)
+    return {
+        **{m: got[m] for m in CLASSIFICATION_METRICS},
+        **{f"oracle_{m}": true[m] for m in CLASSIFICATION_METRICS},
+    }
 
 
 def _settings(cfg: StudyConfig):
@@ -195,6 +385,7 @@ def run_study(
         print(f"JAX devices: {jax.local_device_count()} × {jax.default_backend()}", flush=True)
     earlier = _earlier_seconds(out) if done else 0.0
     t_start = time.perf_counter()
+    view = VIEWS[config.task]
 
     def save_meta() -> None:
         if out is not None:
@@ -210,28 +401,8 @@ def run_study(
         tasks, sources = [], []
         t0 = time.perf_counter()
         for s in seeds:
-            task = make_synthetic_task(
-                n_source=config.n_source,
-                n_target=n_t,
-                n_test=config.n_test,
-                n_features=config.n_features,
-                shift=0.0 if delta == "unrelated" else float(delta),
-                noise_sd=config.noise_sd,
-                covariate_shift=c,
-                unrelated=delta == "unrelated",
-                seed=s,
-            )
-            tasks.append(task)
-            sources.append(
-                train_source(
-                    task.X_source,
-                    task.y_source,
-                    hidden=config.source_hidden,
-                    max_epochs=config.source_max_epochs,
-                    seed=s,
-                    progress_bar=False,
-                )
-            )
+            tasks.append(_draw_task(config, delta, n_t, c, s))
+            sources.append(_train_source(config, tasks[-1], s))
         if verbose:
             print(
                 f"setting δ={label} n_T={n_t} shift={c:g}: {len(seeds)} sources trained in "
@@ -248,10 +419,10 @@ def run_study(
                 ests, [(t.X_target, t.y_target) for t in tasks], batched=config.batched
             )
             for r, (est, task, s) in enumerate(zip(ests, tasks, seeds, strict=True)):
-                metrics = dict.fromkeys(METRICS, float("nan"))
+                metrics = dict.fromkeys(view.columns, float("nan"))
                 if not errors[r]:
                     try:
-                        metrics = score(est, task.X_test, task.y_test)
+                        metrics = _score_fit(config, est, task)
                     except Exception as exc:  # noqa: BLE001
                         errors[r] = f"{type(exc).__name__}: {exc}"
                 rows.append(
@@ -272,11 +443,12 @@ def run_study(
                 )
             if verbose:
                 latest = rows[-len(ests) :]
-                rmse = np.nanmean([rw["rmse"] for rw in latest])
-                cov = np.nanmean([rw["coverage95"] for rw in latest])
+                first = np.nanmean([rw[view.primary] for rw in latest])
+                cal = np.nanmean([rw[view.calibration] for rw in latest])
                 print(
-                    f"  {name:<20} {time.perf_counter() - t0:6.1f} s  RMSE {rmse:.3f}  "
-                    f"cover95 {cov:.2f}" + ("  [batched]" if latest[0]["batched"] else ""),
+                    f"  {name:<20} {time.perf_counter() - t0:6.1f} s  {view.label} {first:.3f}  "
+                    f"{view.calibration_short} {cal:.{view.calibration_digits}f}"
+                    + ("  [batched]" if latest[0]["batched"] else ""),
                     flush=True,
                 )
         if out is not None:
@@ -322,7 +494,7 @@ def _resume(
     if not csv_path.exists():
         return [], set()
     if cfg_path.exists():
-        old = json.loads(cfg_path.read_text()).get("config")
+        old = _recorded_config(json.loads(cfg_path.read_text()).get("config") or {})
         new = json.loads(json.dumps(asdict(config), default=str))
         if old != new:
             raise ValueError(
@@ -341,12 +513,19 @@ def _resume(
     return rows, done
 
 
+def _recorded_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A configuration recorded in a ``config.json``, with the settings added since (the
+    task) at the values that studies recorded before them ran with."""
+    return {"task": "regression", "n_classes": None, **cfg}
+
+
 def read_csv(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``results.csv`` with numbers parsed."""
+    """Rows of a ``results.csv`` (of either task) with numbers parsed."""
     out = []
+    numbers = {*METRICS, *CLASSIFICATION_METRICS, *ORACLE_COLUMNS, "fit_seconds"}
     with open(path, newline="") as fh:
         for row in csv.DictReader(fh):
-            for k in (*METRICS, "fit_seconds", "covariate_shift"):
+            for k in (*(k for k in row if k in numbers), "covariate_shift"):
                 row[k] = float(row[k])
             for k in ("n_target", "replicate", "seed", "divergences"):
                 row[k] = int(row[k])
@@ -356,14 +535,17 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[float, float, int]]]:
-    """``{(shift, delta, n_T, method): {metric: (mean, standard error, n)}}`` over replicates."""
+    """``{(shift, delta, n_T, method): {metric: (mean, standard error, n)}}`` over replicates
+    (the metrics of the rows' task, the ``oracle_*`` columns of a classification study, and
+    ``fit_seconds``)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["covariate_shift"], r["delta"], r["n_target"], r["method"])].append(r)
+    columns = VIEWS[_task_of(rows)].columns
     out = {}
     for key, rs in groups.items():
         stats = {}
-        for m in (*METRICS, "fit_seconds"):
+        for m in (*columns, "fit_seconds"):
             v = np.array([r[m] for r in rs], float)
             v = v[np.isfinite(v)]
             se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
@@ -376,7 +558,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[float, 
 TIE_SE = 1.0
 
 
-_LOWER_IS_BETTER = ("rmse", "mae", "crps")
+_LOWER_IS_BETTER = ("rmse", "mae", "crps", "log_loss", "brier", "ece")
 
 
 @dataclass(frozen=True)
@@ -404,7 +586,7 @@ class PairedDifference:
 
 
 def paired_differences(
-    rows: list[dict[str, Any]], metric: str = "rmse", k: float = TIE_SE
+    rows: list[dict[str, Any]], metric: str | None = None, k: float = TIE_SE
 ) -> dict[tuple[float, str, int], dict[str, PairedDifference]]:
     r"""Every method against the best of its setting, on paired per-replicate differences.
 
@@ -416,7 +598,7 @@ def paired_differences(
 
     For each setting ``(shift, δ, n_T)``, the best method ``b`` has the lowest mean ``metric``
     over its finite replicates (ties in the mean go to the earlier method of
-    :func:`pcbtl.estimators.registry.methods`). For each method ``m`` with replicates ``R_m`` (finite values
+    :func:`pcbtl.estimators.registry.methods` of the rows' task). For each method ``m`` with replicates ``R_m`` (finite values
     only: a failed fit is NaN and left out) and the best's ``R_b`` (written for RMSE; any
     lower-is-better ``metric`` alike):
 
@@ -436,11 +618,15 @@ def paired_differences(
     missing replicates :math:`\bar d_m` may be negative (``m`` ahead of ``b`` on the shared
     replicates); that is a tie.
 
-    ``metric`` is a lower-is-better metric (``rmse``, ``mae`` or ``crps``). Pure: ``rows`` is
+    ``metric`` is a lower-is-better metric: ``rmse``, ``mae`` or ``crps`` (regression;
+    default ``rmse``), ``log_loss``, ``brier`` or ``ece`` (classification; default
+    ``log_loss``). Pure: ``rows`` is
     not changed. Returns ``{(shift, delta, n_T): {method: PairedDifference}}``; a method
     without a finite value in a setting is left out of it. Raises ``ValueError`` when a
     setting holds a replicate of a method twice.
     """
+    task = _task_of(rows)
+    metric = VIEWS[task].primary if metric is None else metric
     if metric not in _LOWER_IS_BETTER:
         raise ValueError(f"metric must be one of {_LOWER_IS_BETTER}, got {metric!r}")
     values: dict[tuple, dict[str, dict[int, float]]] = defaultdict(dict)
@@ -453,7 +639,7 @@ def paired_differences(
                 f"replicate {rep} of {row['method']} appears twice in setting {setting}"
             )
         per_rep[rep] = float(row[metric])
-    order = {m: i for i, m in enumerate(methods())}
+    order = _method_order(task)
     out: dict[tuple[float, str, int], dict[str, PairedDifference]] = {}
     for setting, by_method in values.items():
         finite = {
@@ -516,46 +702,62 @@ def summary_markdown(
     env: dict[str, Any] | None = None,
 ) -> str:
     """Markdown tables of means ± standard errors, one table per setting, with each method's
-    paired RMSE difference from the setting's best (:func:`paired_differences`).
+    paired difference from the setting's best (:func:`paired_differences`) in RMSE
+    (regression) or log loss (classification, with a last row for the true probabilities).
 
     ``env``: the record of :func:`environment` to print (by default this process's; a summary
     rewritten from a finished study passes the one in its ``config.json``).
     """
     env = environment() if env is None else env
+    task = _task_of(rows)
+    view = VIEWS[task]
     summ = summarise(rows)
     paired = paired_differences(rows)
     reps = max((r["replicate"] for r in rows), default=-1) + 1
+    title = "" if task == "regression" else f" ({task}"
+    if config is not None and task == "classification":
+        title += f", K = {config.n_classes} classes"
     lines = [
-        "# pcbtl simulation study",
+        f"# pcbtl simulation study{title}{')' if title else ''}",
         "",
         f"{env['date']} · pcbtl {env['pcbtl']} · JAX {env['jax']} · NumPyro {env['numpyro']} · "
         f"scikit-learn {env['scikit-learn']} · {env['machine']}",
         "",
         f"{reps} replicate(s) per setting; entries are mean ± standard error over replicates. "
-        "RMSE/MAE/CRPS: lower is better; coverage95: nominal 0.95; MLPD: higher is better.",
+        + view.legend,
     ]
     if config is not None:
+        noise = (
+            f"noise sd = {config.noise_sd}"
+            if config.task == "regression"
+            else f"source logit sd = {CLASSIFICATION_LOGIT_SCALE:g}, δ in logit units"
+        )
         lines.append(
             f"n_S = {config.n_source}, n_test = {config.n_test}, d = {config.n_features}, "
-            f"noise sd = {config.noise_sd}; NUTS {config.num_chains} chain(s) of "
+            f"{noise}; NUTS {config.num_chains} chain(s) of "
             f"{config.num_warmup} warmup + {config.num_samples} draws; "
             f"source network {config.source_hidden}; "
             f"learner networks {config.learner_hidden}; forests {config.n_estimators} trees."
         )
     if seconds is not None:
         lines.append(f"Total run time {seconds / 60:.1f} min (over every resumed invocation).")
-    lines += ["", "## Over all settings", "", _headline_markdown(summ, paired).rstrip("\n")]
-    lines += ["", "## RMSE (coverage95) by target size", "", _grid_markdown(summ).rstrip("\n")]
+    lines += ["", "## Over all settings", "", _headline_markdown(summ, paired, task).rstrip("\n")]
+    lines += [
+        "",
+        f"## {view.label} ({view.headings[view.metrics.index(view.calibration)]}) by target size",
+        "",
+        _grid_markdown(summ, task).rstrip("\n"),
+    ]
     settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
-    order = {m: i for i, m in enumerate(methods())}
+    order = _method_order(task)
+    heads = [view.headings[0], f"{view.headings[0]} − best (paired)", *view.headings[1:]]
     for c, delta, n_t in settings:
         lines += [
             "",
             f"## δ = {delta}, n_T = {n_t}, covariate shift = {c:g}",
             "",
-            "| method | RMSE | RMSE − best (paired) | MAE | coverage95 | width95 | MLPD | CRPS "
-            "| fit s |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| method | " + " | ".join(heads) + " | fit s |",
+            "|---|" + "---|" * (len(heads) + 1),
         ]
         comp = paired.get((c, delta, n_t), {})
         keys = sorted(
@@ -563,20 +765,44 @@ def summary_markdown(
         )
         for k in keys:
             s = summ[k]
-            cells = [_pm(*s[m][:2], 3) for m in METRICS] + [f"{s['fit_seconds'][0]:.1f}"]
+            cells = [_pm(*s[m][:2], 3) for m in view.metrics] + [f"{s['fit_seconds'][0]:.1f}"]
             cells.insert(1, _paired_cell(comp.get(k[3]), reps))
             lines.append(f"| {k[3]} | " + " | ".join(cells) + " |")
+        if keys and task == "classification":
+            lines.append(_oracle_row(rows, (c, delta, n_t)))
     return "\n".join(lines) + "\n"
 
 
+def _oracle_row(rows: list[dict[str, Any]], setting: tuple[float, str, int]) -> str:
+    """The table row of the true probabilities' scores in one setting (one value per
+    replicate: every method's row of a replicate carries the same)."""
+    per_rep: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if (r["covariate_shift"], r["delta"], r["n_target"]) == setting:
+            if math.isfinite(r[ORACLE_COLUMNS[0]]):
+                per_rep.setdefault(int(r["replicate"]), r)
+    cells = []
+    for col in ORACLE_COLUMNS:
+        v = np.array([r[col] for r in per_rep.values()], float)
+        se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+        cells.append(_pm(float(v.mean()) if v.size else float("nan"), se, 3))
+    cells.insert(1, "")
+    return "| *true probabilities* | " + " | ".join(cells) + " | |"
+
+
 def grid_markdown(rows: list[dict[str, Any]]) -> str:
-    """Mean test RMSE and, in brackets, mean 95% coverage: one table per ``(shift, n_T)``,
-    methods down, ``δ`` across, the best mean RMSE of each column in bold."""
-    return _grid_markdown(summarise(rows))
+    """Mean test RMSE and, in brackets, mean 95% coverage (classification: mean log loss and
+    mean ECE): one table per ``(shift, n_T)``, methods down, ``δ`` across, the best mean of
+    each column in bold."""
+    return _grid_markdown(summarise(rows), _task_of(rows))
 
 
-def _grid_markdown(summ: dict[tuple, dict[str, tuple[float, float, int]]]) -> str:
-    order = {m: i for i, m in enumerate(methods())}
+def _grid_markdown(
+    summ: dict[tuple, dict[str, tuple[float, float, int]]], task: str = "regression"
+) -> str:
+    view = VIEWS[task]
+    first, cal = view.primary, view.calibration
+    order = _method_order(task)
     blocks = sorted({(k[0], k[2]) for k in summ})
     out = []
     for c, n_t in blocks:
@@ -585,7 +811,7 @@ def _grid_markdown(summ: dict[tuple, dict[str, tuple[float, float, int]]]) -> st
             {k[3] for k in summ if (k[0], k[2]) == (c, n_t)}, key=lambda m: order.get(m, 99)
         )
         best = {
-            d: min(summ[(c, d, n_t, m)]["rmse"][0] for m in names if (c, d, n_t, m) in summ)
+            d: min(summ[(c, d, n_t, m)][first][0] for m in names if (c, d, n_t, m) in summ)
             for d in deltas
         }
         shift = f", covariate shift {c:g}" if c else ""
@@ -602,9 +828,9 @@ def _grid_markdown(summ: dict[tuple, dict[str, tuple[float, float, int]]]) -> st
                 if s is None:
                     cells.append("—")
                     continue
-                rmse = f"{s['rmse'][0]:.3f}"
-                rmse = f"**{rmse}**" if s["rmse"][0] == best[d] else rmse
-                cells.append(f"{rmse} ({s['coverage95'][0]:.2f})")
+                value = f"{s[first][0]:.3f}"
+                value = f"**{value}**" if s[first][0] == best[d] else value
+                cells.append(f"{value} ({s[cal][0]:.{view.calibration_digits}f})")
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -620,22 +846,27 @@ def headline_markdown(rows: list[dict[str, Any]]) -> str:
     and the worst ratio of its mean RMSE to target-only's over the settings (``> 1``: negative
     transfer somewhere; ``—`` without target-only). A line under the table says how many
     comparisons rest on fewer replicates than the study has (failed or missing fits) and how
-    many could not be called (fewer than two shared replicates).
+    many could not be called (fewer than two shared replicates). Classification rows: the
+    log loss in place of the RMSE, the mean and the highest per-setting mean ECE in place of
+    the coverage.
     """
-    return _headline_markdown(summarise(rows), paired_differences(rows))
+    return _headline_markdown(summarise(rows), paired_differences(rows), _task_of(rows))
 
 
 def _headline_markdown(
     summ: dict[tuple, dict[str, tuple[float, float, int]]],
     paired: dict[tuple[float, str, int], dict[str, PairedDifference]],
+    task: str = "regression",
 ) -> str:
+    view = VIEWS[task]
+    label, cal = view.label, view.calibration
     settings = sorted({k[:3] for k in summ}, key=lambda k: (k[0], _delta_order(k[1]), k[2]))
-    names = [m for m in methods() if any(k[3] == m for k in summ)]
+    names = [m for m in methods(task) if any(k[3] == m for k in summ)]
     ranks: dict[str, list[float]] = defaultdict(list)
     tied: dict[str, int] = defaultdict(int)
     worst: dict[str, float] = {}
     for st in settings:
-        rm = {m: summ[(*st, m)]["rmse"] for m in names if (*st, m) in summ}
+        rm = {m: summ[(*st, m)][view.primary] for m in names if (*st, m) in summ}
         rm = {m: v for m, v in rm.items() if math.isfinite(v[0])}
         if not rm:
             continue
@@ -651,20 +882,22 @@ def _headline_markdown(
     comps = [c for st in settings for c in paired.get(st, {}).values() if not c.is_best]
     most = max((c.n_best for st in settings for c in paired.get(st, {}).values()), default=0)
     short = [c for c in comps if c.n < most]
+    cal_heading, cal_phrase = view.calibration_headline
     lines = [
-        f"Over {len(settings)} settings (δ × n_T × shift): mean RMSE rank; settings where the "
-        "method is best or tied with the best (its mean paired RMSE difference from the best "
+        f"Over {len(settings)} settings (δ × n_T × shift): mean {label} rank; settings where the "
+        f"method is best or tied with the best (its mean paired {label} difference from the best "
         f"within {TIE_SE:g} paired standard error, sd of the per-replicate differences / √n: "
-        "replicate r gives every method the same data); mean and lowest coverage of the 95% "
-        "interval; and the worst RMSE relative to target-only (> 1: negative transfer).",
+        f"replicate r gives every method the same data); {cal_phrase}; and the worst "
+        f"{label} relative to target-only (> 1: negative transfer).",
         "",
-        "| method | mean RMSE rank | best or tied | coverage95 mean (lowest) | worst RMSE / target-only |",  # noqa: E501
+        f"| method | mean {label} rank | best or tied | {cal_heading} | worst {label} / "
+        "target-only |",
         "|---|---:|---:|---|---:|",
     ]
     for m in sorted(names, key=lambda m: np.mean(ranks[m]) if ranks[m] else math.inf):
-        cov = [summ[(*st, m)]["coverage95"][0] for st in settings if (*st, m) in summ]
+        cov = [summ[(*st, m)][cal][0] for st in settings if (*st, m) in summ]
         cov = [c for c in cov if math.isfinite(c)]
-        cov_txt = f"{np.mean(cov):.3f} ({min(cov):.3f})" if cov else "—"
+        cov_txt = f"{np.mean(cov):.3f} ({view.calibration_worst(cov):.3f})" if cov else "—"
         w = f"{worst[m]:.2f}" if m in worst else "—"
         rank = f"{np.mean(ranks[m]):.1f}" if ranks[m] else "—"
         lines.append(f"| {m} | {rank} | {tied[m]}/{len(settings)} | {cov_txt} | {w} |")
@@ -716,7 +949,7 @@ def merge_studies(dirs: list[str | Path], out: str | Path) -> list[dict[str, Any
     for d in dirs:
         d = Path(d)
         meta = json.loads((d / "config.json").read_text())
-        cfg = dict(meta["config"])
+        cfg = _recorded_config(meta["config"])
         for g in grid:
             union[g] += [v for v in cfg.pop(g) if v not in union[g]]
         if base_cfg is None:
@@ -787,16 +1020,21 @@ def _pm(mean: float, se: float, digits: int) -> str:
 
 def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """``rmse_vs_ntarget.png`` (mean RMSE ± se vs n_T, a panel per δ, first covariate shift) and
-    ``coverage.png`` (95% coverage of every replicate and setting, per method)."""
+    ``coverage.png`` (95% coverage of every replicate and setting, per method); for a
+    classification study ``logloss_vs_ntarget.png`` (with the true probabilities' mean log
+    loss dotted) and ``ece.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    task = _task_of(rows)
+    view = VIEWS[task]
+    first, cal = view.primary, view.calibration
     summ = summarise(rows)
     shift0 = min(k[0] for k in summ)
     deltas = sorted({k[1] for k in summ}, key=_delta_order)
-    names = [m for m in methods() if any(k[3] == m for k in summ)]
+    names = [m for m in methods(task) if any(k[3] == m for k in summ)]
     cmap = plt.get_cmap("tab20")
     fig, axes = plt.subplots(
         1, len(deltas), figsize=(4.0 * len(deltas), 3.8), squeeze=False, sharey=False
@@ -810,11 +1048,18 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             if not ks:
                 continue
             x = [k[2] for k in ks]
-            y = [summ[k]["rmse"][0] for k in ks]
-            e = [summ[k]["rmse"][1] if math.isfinite(summ[k]["rmse"][1]) else 0 for k in ks]
+            y = [summ[k][first][0] for k in ks]
+            e = [summ[k][first][1] if math.isfinite(summ[k][first][1]) else 0 for k in ks]
             style = "-" if m.startswith("pc-") else "--"
             lw = 2.2 if m.startswith("pc-") else 1.0
             ax.errorbar(x, y, yerr=e, marker="o", ms=3, ls=style, lw=lw, color=cmap(i), label=m)
+        if task == "classification":
+            oracle = {}  # n_T → the true probabilities' mean log loss (the same for every method)
+            for k in summ:
+                if k[0] == shift0 and k[1] == delta:
+                    oracle.setdefault(k[2], summ[k][ORACLE_COLUMNS[0]][0])
+            xs = sorted(oracle)
+            ax.plot(xs, [oracle[n] for n in xs], "k:", lw=1.2, label="true probabilities")
         ax.set_xscale("log")
         # the target sizes themselves as ticks (log-scale minor labels would overlap)
         sizes = sorted({k[2] for k in summ})
@@ -822,25 +1067,23 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_xticks(sizes, [str(n) for n in sizes])
         ax.set_xlabel("target size n_T")
         ax.set_title(f"δ = {delta}", fontsize=10)
-    axes[0][0].set_ylabel("test RMSE")
+    axes[0][0].set_ylabel(view.axis_labels[0])
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
-    p1 = out / "rmse_vs_ntarget.png"
+    p1 = out / view.plots[0]
     fig.savefig(p1, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 4))
-    data = [
-        [r["coverage95"] for r in rows if r["method"] == m and math.isfinite(r["coverage95"])]
-        for m in names
-    ]
+    data = [[r[cal] for r in rows if r["method"] == m and math.isfinite(r[cal])] for m in names]
     ax.boxplot(data, showfliers=True)
     ax.set_xticks(range(1, len(names) + 1), names, rotation=45, ha="right", fontsize=8)
-    ax.axhline(0.95, color="k", lw=0.8, ls=":")
-    ax.set_ylabel("95% interval coverage")
-    ax.set_title("coverage over all settings and replicates", fontsize=10)
+    if view.calibration_line is not None:
+        ax.axhline(view.calibration_line, color="k", lw=0.8, ls=":")
+    ax.set_ylabel(view.axis_labels[1])
+    ax.set_title(view.axis_labels[2], fontsize=10)
     fig.tight_layout()
-    p2 = out / "coverage.png"
+    p2 = out / view.plots[1]
     fig.savefig(p2, dpi=110)
     plt.close(fig)
     return [p1, p2]
@@ -850,7 +1093,14 @@ def _parse_delta(text: str) -> Any:
     return "unrelated" if text == "unrelated" else float(text)
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    def fail(message: str):
+        if parser is None:
+            raise ValueError(message)
+        parser.error(message)  # exits with status 2 and the usage line
+
+    if args.classes is not None and args.task != "classification":
+        fail("--classes is for --task classification only")
     if args.summary_only:
         path = write_summary(args.out)
         print(f"rewrote {path} from {args.out}/results.csv (nothing re-run)")
@@ -859,8 +1109,13 @@ def _simulate(args: argparse.Namespace) -> int:
         rows = merge_studies(args.merge, args.out)
         print(f"merged {len(args.merge)} studies into {args.out} ({len(rows)} rows)")
         return 0
-    cfg = QUICK if args.quick else StudyConfig()
     changes: dict[str, Any] = {}
+    if args.task == "classification":
+        cfg = QUICK_CLASSIFICATION if args.quick else CLASSIFICATION
+        if args.classes is not None:
+            changes["n_classes"] = args.classes
+    else:
+        cfg = QUICK if args.quick else StudyConfig()
     if args.replicates is not None:
         changes["n_replicates"] = args.replicates
     if args.methods:
@@ -876,12 +1131,16 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.no_batch:
         changes["batched"] = False
     changes["seed"] = args.seed
-    cfg = replace(cfg, **changes)
+    try:
+        cfg = replace(cfg, **changes)
+    except ValueError as exc:  # an unknown method, a negative δ, …: said as a usage error
+        fail(str(exc))
     rows = run_study(cfg, args.out, verbose=True)
     bad = [r for r in rows if r["error"]]
+    plots = VIEWS[cfg.task].plots
     print(
-        f"wrote {args.out}/results.csv ({len(rows)} rows), summary.md, rmse_vs_ntarget.png, "
-        f"coverage.png" + (f"; {len(bad)} failed fits (see the error column)" if bad else "")
+        f"wrote {args.out}/results.csv ({len(rows)} rows), summary.md, {plots[0]}, "
+        f"{plots[1]}" + (f"; {len(bad)} failed fits (see the error column)" if bad else "")
     )
     return 0
 
@@ -896,10 +1155,31 @@ def add_simulate_command(sub) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="CI grid: δ ∈ {0, 2, unrelated}, n_T = 50, 3 replicates, 150+150 NUTS draws",
+        help="CI grid: δ ∈ {0, 2, unrelated}, n_T = 50, 3 replicates, 150+150 NUTS draws "
+        "(classification: δ ∈ {0, unrelated}, n_T = 50, 2 replicates, 5 fast methods, one "
+        "chain of 100+100 draws)",
+    )
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        default="regression",
+        help="regression (default) or classification (δ then in logit units; the grid "
+        "δ ∈ {0, 1, 2, unrelated} × n_T ∈ {25, …, 500}, every classification method)",
+    )
+    p.add_argument(
+        "--classes",
+        type=int,
+        choices=(2, 3),
+        default=None,
+        help="number of classes of --task classification (default 2)",
     )
     p.add_argument("--replicates", type=int, default=None, help="replicates per setting")
-    p.add_argument("--methods", default=None, help=f"comma-separated subset of {methods()}")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {methods()} (regression) or of "
+        f"{methods('classification')} (classification)",
+    )
     p.add_argument("--deltas", default=None, help="comma-separated δ values and/or 'unrelated'")
     p.add_argument("--n-targets", default=None, help="comma-separated target sizes")
     p.add_argument("--covariate-shift", default=None, help="comma-separated input shifts c")
@@ -919,4 +1199,4 @@ def add_simulate_command(sub) -> None:
         help="instead of running: rewrite --out's summary.md from its results.csv and config.json",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_simulate)
+    p.set_defaults(func=lambda args: _simulate(args, p))
