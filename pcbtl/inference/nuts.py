@@ -427,9 +427,10 @@ def run_nuts_batched(
     z0 = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[z for (z, _, _), _ in starts])
     valid = np.stack([np.asarray(v) for _, v in starts])  # (R, C)
     if not bool(np.all(valid)):
-        bad = sorted({r for r, c in zip(*np.nonzero(~valid), strict=True)})
+        bad = sorted({int(r) for r, c in zip(*np.nonzero(~valid), strict=True)})
         raise RuntimeError(
-            f"no valid initial point (finite log density and gradient) for fit(s) {bad}"
+            f"cannot find valid initial parameters (finite log density and gradient) for "
+            f"fit(s) {bad}"
         )
     devices = list(devices) if devices is not None else jax.local_devices()
     runs = R
