@@ -413,18 +413,24 @@ def run_nuts_batched(
     # program and so the rounding), from a prototype that only gives the parameters' shapes.
     pairs = [chain_keys(s, C) for s in seeds]
     keys = jnp.stack([p[1] for p in pairs])  # (R, C, 2)
-    prototype = initialize_model(
-        pairs[0][0][0], model, model_kwargs=kwargs_list[0], init_strategy=init_strategy
-    ).param_info.z
-    prototype = jax.tree_util.tree_map(jnp.zeros_like, prototype)
+    # shapes only, traced abstractly: run eagerly, the model's log density and its gradient
+    # would be dispatched op by op, each op compiled on its own (seconds per model)
+    prototype = jax.eval_shape(
+        lambda key: initialize_model(
+            key, model, model_kwargs=kwargs_list[0], init_strategy=init_strategy
+        ).param_info.z,
+        pairs[0][0][0],
+    )
+    prototype = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), prototype)
     init = _chain_init(model, init_strategy)
     starts = [init(p[0], kw, prototype) for p, kw in zip(pairs, as_arrays, strict=True)]
     z0 = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[z for (z, _, _), _ in starts])
     valid = np.stack([np.asarray(v) for _, v in starts])  # (R, C)
     if not bool(np.all(valid)):
-        bad = sorted({r for r, c in zip(*np.nonzero(~valid), strict=True)})
+        bad = sorted({int(r) for r, c in zip(*np.nonzero(~valid), strict=True)})
         raise RuntimeError(
-            f"no valid initial point (finite log density and gradient) for fit(s) {bad}"
+            f"cannot find valid initial parameters (finite log density and gradient) for "
+            f"fit(s) {bad}"
         )
     devices = list(devices) if devices is not None else jax.local_devices()
     runs = R
