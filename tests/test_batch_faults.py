@@ -429,6 +429,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300.0) -> None:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
+@pytest.mark.slow  # three processes that each start JAX and compile (110 s); opt-in
 def test_sigkill_of_a_running_job_loses_nothing_and_resume_finishes_it(tmp_path):
     path = _write(tmp_path, KILLED)
     out = tmp_path / "out"

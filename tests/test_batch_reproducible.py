@@ -113,6 +113,7 @@ def test_a_fit_alone_and_in_any_group_has_the_same_keys_starts_and_draws(
 
 @pytest.mark.filterwarnings("ignore::pcbtl.priors.PriorDataConflictWarning")
 @pytest.mark.filterwarnings("ignore::pcbtl.inference.SamplerWarning")
+@pytest.mark.slow  # (27 s) opt-in; the grid extension alone: test_transfer.py conflict test
 def test_a_scale_prior_fit_past_its_grid_is_extended_in_a_group_as_alone(task, source):
     # labels moved by 100 sds send τ past the first grid of r(τ): fit() extends the grid and
     # samples again; fit_replicates must do the same for that replicate, or a fit's result

@@ -44,6 +44,7 @@ def test_bench_batch_quick(tmp_path):
     assert "| figure | value |" in (tmp_path / "b.md").read_text()
 
 
+@pytest.mark.slow  # a benchmark's smoke run (26 s); opt-in
 def test_bench_perf_quick_cheap_sections(tmp_path):
     mod = _load("bench_perf")
     rows = mod.main(["--quick", "--sections", "grad,tau", "--out", str(tmp_path / "p.md")])

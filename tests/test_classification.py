@@ -380,6 +380,7 @@ def test_last_layer_fit_on_a_binary_task_beats_target_only_logistic_regression(s
     assert pc < lr - 0.02, (pc, lr)
 
 
+@pytest.mark.slow  # statistical (16 s); the binary last-layer one stays default
 def test_scale_fit_on_a_three_class_task_beats_target_only_logistic_regression(sources):
     """60 target rows, labels 10/20/30 matched to the source's 0/1/2 by position. Measured:
     PC 0.483 against 0.704 for logistic regression (source alone 0.491, truth 0.333); required

@@ -42,6 +42,19 @@ def _seeded(name, seed):
     return {} if name == "source-only" else {"seed": seed}
 
 
+_FITS: dict[str, object] = {}
+
+
+def _reference_fit(name, task, source):
+    """The method fitted once per test process (tiny options, seed 3, the first 40 target
+    rows), shared by the interface and the equivariance tests (each fit costs its own
+    compilation; the tests only read it)."""
+    if name not in _FITS:
+        est = make_method(name, source, **OPTIONS[name], **_seeded(name, 3))
+        _FITS[name] = est.fit(task.X_target[:40], task.y_target[:40])
+    return _FITS[name]
+
+
 def test_methods_lists_every_method():
     assert methods() == EXPECTED
     assert pcbtl.methods() == EXPECTED
@@ -60,10 +73,9 @@ def test_make_method_rejects_unknown_names_and_bad_sources(source):
 def test_every_method_shares_the_estimator_interface(name, task, source):
     X, y = task.X_target[:40], task.y_target[:40]
     Xt = task.X_test[:50]
-    est = make_method(name, source, **OPTIONS[name], **_seeded(name, 3))
     with pytest.raises((RuntimeError, AttributeError)):
-        est.predict(Xt)  # not fitted yet
-    assert est.fit(X, y) is est
+        make_method(name, source, **OPTIONS[name]).predict(Xt)  # not fitted yet
+    est = _reference_fit(name, task, source)
     mu, sd = est.predict(Xt, return_std=True)
     assert mu.shape == (50,) and sd.shape == (50,)
     assert np.all(np.isfinite(mu)) and np.all(sd > 0)
@@ -74,7 +86,8 @@ def test_every_method_shares_the_estimator_interface(name, task, source):
     lo50, hi50 = est.predict_interval(Xt, level=0.5)
     assert np.all(hi50 - lo50 < hi - lo)
     # the same seed gives the same result
-    again = make_method(name, source, **OPTIONS[name], **_seeded(name, 3)).fit(X, y)
+    again = make_method(name, source, **OPTIONS[name], **_seeded(name, 3))
+    assert again.fit(X, y) is again
     mu2, sd2 = again.predict(Xt, return_std=True)
     np.testing.assert_allclose(mu2, mu, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(sd2, sd, rtol=1e-6, atol=1e-7)
@@ -107,27 +120,22 @@ def test_every_method_is_equivariant_to_the_units_of_the_labels(name, task, sour
     # difference-rf 0.15 and pc-last-layer 0.13 RMS off in the original units.
     # The standardised problems agree up to float rounding, which can move NUTS onto another
     # path, so the posterior means are compared with a tolerance of 0.05 (a quarter of the
-    # noise sd; the Monte Carlo error of 2 x 60 draws is ~0.01 for these small posteriors).
+    # noise sd; the Monte Carlo error of 2 x 40 draws is ~0.012 for these small posteriors).
+    # The fit in the original units is the interface test's (same options, seed 3).
     X, y = task.X_target[:40], task.y_target[:40]
     Xt = task.X_test[:50]
-    opts = {**OPTIONS[name], **_seeded(name, 5)}
-    if "num_warmup" in opts:
-        opts.update(num_warmup=60, num_samples=60, num_chains=2)
-    if name.startswith(("multitask-", "difference-", "latent-")) and "rf" in name:
-        opts.update(source_X=task.X_source[:300], source_y=task.y_source[:300])
+    opts = {**OPTIONS[name], **_seeded(name, 3)}
     # the multi-task network (4 hidden units, source and target rows) is multimodal: where
-    # rounding (its stacked inputs agree to 1e-9) sends its 2 x 60 draws down other paths they
+    # rounding (its stacked inputs agree to 1e-9) sends its 2 x 40 draws down other paths they
     # settle in other modes (measured: means 0.11-0.34 apart, test RMSE 0.27 vs 0.40), so for
     # it the labels the sampler sees are compared, and the outputs checked to be mapped back
     multimodal = name == "multitask-bnn"
-    base = make_method(name, source, **opts).fit(X, y)
+    base = _reference_fit(name, task, source)
     mu0, sd0 = base.predict(Xt, return_std=True)
     lo0, hi0 = base.predict_interval(Xt)
     for a, b in ((10.0, 1e-6),):  # labels 10 + 1e-6 y: a float32 ulp at 10 is 1e-6
         src = source.rescaled(-a / b, 1.0 / b)  # predicts a + b g_S
         o = dict(opts)
-        if "source_y" in o:
-            o["source_y"] = a + b * o["source_y"]
         est = make_method(name, src, **o).fit(X, a + b * y)
         mu, sd = est.predict(Xt, return_std=True)
         lo, hi = est.predict_interval(Xt)
@@ -144,6 +152,7 @@ def test_every_method_is_equivariant_to_the_units_of_the_labels(name, task, sour
         assert 0.8 < width < 1.25, (name, a, b, width)
 
 
+@pytest.mark.slow  # statistical (25 s); opt-in
 def test_difference_with_a_perfect_source_learns_a_zero_correction(task, source):
     # target labels are the source network's own predictions plus N(0, 0.2²) noise, so the true
     # correction is exactly 0. A Bayesian network fitted to 60 rows of pure noise has a posterior
@@ -160,6 +169,7 @@ def test_difference_with_a_perfect_source_learns_a_zero_correction(task, source)
     assert np.mean(np.abs(c_mean) < 1.96 * c_sd + 1e-12) > 0.9
 
 
+@pytest.mark.slow  # statistical, 2 fits of 200 draws (30 s); opt-in
 def test_latent_variable_with_a_useless_source_matches_target_only(task, source):
     # a source whose output weights are 0 predicts one constant: the extra input carries nothing,
     # so the latent-variable model is the target-only network (plus input weights that multiply
@@ -217,6 +227,7 @@ def test_rf_source_uncertainty_propagates(task, source):
     assert np.mean(v_s) > 0
 
 
+@pytest.mark.slow  # statistical, 4 fits (40 s); exact batch = alone: test_batch_reproducible.py
 def test_batched_replicates_match_one_by_one_fits(task, source):
     # two replicates (different target subsets) in one vmapped NUTS job against separate fits:
     # the posterior-mean predictions agree within Monte Carlo error. Measured spread between
@@ -358,6 +369,7 @@ def test_batched_replicates_are_sharded_over_several_devices():
     np.testing.assert_allclose(result["medians"], single, atol=0.25)
 
 
+@pytest.mark.slow  # compiles a sampler with host callbacks (35 s); opt-in
 def test_batched_sampler_progress_bar_follows_the_iterations(capsys):
     # one bar over warm-up + kept iterations, moved by host callbacks from the compiled loop;
     # it must end at the total and be closed (no bar left open for the next job)

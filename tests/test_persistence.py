@@ -234,7 +234,10 @@ def classifier_task():
     return X, np.where(y == 1, "yes", "no"), source
 
 
-@pytest.mark.parametrize("prior", ["last_layer", "scale"])
+@pytest.mark.parametrize(
+    "prior",
+    ["last_layer", pytest.param("scale", marks=pytest.mark.slow)],  # 30 s: opt-in
+)
 def test_classifier_saves_and_loads_with_equal_predictions(classifier_task, prior, tmp_path):
     X, y, source = classifier_task
     clf = PCTransferClassifier(

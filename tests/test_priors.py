@@ -425,6 +425,7 @@ def _run_with_x64(source, tmp_path, *args):
     return json.loads(proc.stdout.split("RESULT", 1)[1])
 
 
+@pytest.mark.slow  # a float64 subprocess (25 s); opt-in
 def test_scale_prior_and_model_work_with_float64(source, tmp_path):
     """With ``JAX_ENABLE_X64=1`` the scale prior's density, gradient, sampler and inverse work
     for float32 and float64 curves, and the NumPyro model's potential and gradient are finite

@@ -113,8 +113,16 @@ def test_parameters_are_checked_in_fit_not_in_init(source, task):
         pcbtl.PCTransferRegressor("not a model").fit(task.X_target, task.y_target)
 
 
+#: the Bayesian-network baselines share one NumPyro network model: bayes-last-layer and
+#: difference-bnn stand for them by default, the others (15-40 s each) run with -m slow
+PIPELINE_OPT_IN = ("target-only", "pretrained-gaussian", "multitask-bnn", "latent-bnn", "latent-rf")
+
+
 @quiet_sampler
-@pytest.mark.parametrize("name", ESTIMATORS)
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n in PIPELINE_OPT_IN else n for n in ESTIMATORS],
+)
 def test_pipeline_fit_predict_score_and_pickle(name, source, task):
     X, y, Xt = task.X_target, task.y_target, task.X_test[:50]
     pipe = Pipeline([("scale", FunctionTransformer()), ("m", _build(name, source))])

@@ -320,6 +320,7 @@ def test_killed_study_resumes_where_it_stopped(tmp_path, capsys):
         run_study(replace(cfg, n_replicates=3), tmp_path, verbose=False)
 
 
+@pytest.mark.slow  # two studies and a merge (45 s); resume: test_killed_study_resumes_where_it_stopped
 def test_studies_run_in_parts_merge_into_one(tmp_path):
     base = replace(
         TWO_SETTINGS,
