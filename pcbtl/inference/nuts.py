@@ -416,9 +416,11 @@ def run_nuts_batched(
     # shapes only, traced abstractly: run eagerly, the model's log density and its gradient
     # would be dispatched op by op, each op compiled on its own (seconds per model)
     prototype = jax.eval_shape(
-        lambda key: initialize_model(
-            key, model, model_kwargs=kwargs_list[0], init_strategy=init_strategy
-        ).param_info.z,
+        lambda key: (
+            initialize_model(
+                key, model, model_kwargs=kwargs_list[0], init_strategy=init_strategy
+            ).param_info.z
+        ),
         pairs[0][0][0],
     )
     prototype = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), prototype)
