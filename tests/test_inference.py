@@ -189,3 +189,21 @@ def test_the_conversion_layer_builds_and_reads_both_arviz_versions(tmp_path):
     back = az.from_netcdf(tmp_path / "p.nc")
     assert idata_groups(back) == ["predictions"] and back.attrs["m"] == "x"
     np.testing.assert_array_equal(idata_group(back, "predictions")["mean"].values[0, 0], y)
+
+
+def test_clear_caches_empties_the_registered_builders_of_every_layer():
+    from pcbtl.estimators.classification_baselines import _offset_apply, _task_apply
+    from pcbtl.inference import clear_caches, register_cache
+    from pcbtl.tangent import ensemble_apply
+
+    def inner(theta, aux, Z):
+        return Z
+
+    for build in (_offset_apply, _task_apply, ensemble_apply):
+        build(inner, 1)
+        assert build.cache_info().currsize >= 1
+    clear_caches()
+    for build in (_offset_apply, _task_apply, ensemble_apply):
+        assert build.cache_info().currsize == 0, build
+    with pytest.raises(TypeError, match="cache_clear"):
+        register_cache(len)

@@ -98,6 +98,7 @@ from pcbtl.inference import (
     BatchPlan,
     Posterior,
     check_sampler,
+    register_cache,
     resolve_chain_method,
     run_plans,
     sampler_diagnostics,
@@ -223,6 +224,7 @@ def _fresh_logit_network(
     return NetworkFn(apply, aux), _layer_scales(params, "fan_in")
 
 
+@register_cache
 @lru_cache(maxsize=64)
 def _offset_apply(inner: Any, n_offset: int) -> Any:
     """``apply(θ, aux, Z) = inner(θ, aux, Z[:, :-k]) + Z[:, -k:]``: the last ``k`` columns of
@@ -234,6 +236,7 @@ def _offset_apply(inner: Any, n_offset: int) -> Any:
     return apply
 
 
+@register_cache
 @lru_cache(maxsize=64)
 def _task_apply(inner: Any, n_out: int) -> Any:
     """``apply(θ, aux, Z)``: a network with ``2·n_out`` outputs on ``Z[:, :-1]`` whose first

@@ -24,6 +24,7 @@ from numpyro.infer import MCMC, NUTS, init_to_median
 from pcbtl.inference.posterior import BatchPlan, Posterior
 from pcbtl.interweave import Interweave, conditional_potentials, interweave_scale
 from pcbtl.networks import _flat_apply, _head_apply, _head_outputs, _network_outputs
+from pcbtl.tangent import ensemble_apply
 
 __all__ = [
     "CHAIN_METHODS",
@@ -140,6 +141,21 @@ def _chain_init(model: Callable[..., None], init_strategy: Callable) -> Callable
     return _INIT_CACHE[key]
 
 
+#: further ``functools.lru_cache`` caches of compiled-function builders, registered by the
+#: modules above this one (:func:`register_cache`), emptied by :func:`clear_caches`
+_REGISTERED_CACHES: list[Any] = []
+
+
+def register_cache(cache: Any) -> Any:
+    """Have :func:`clear_caches` empty ``cache`` (anything with ``cache_clear()``, e.g. an
+    ``lru_cache``-wrapped builder of network apply functions); returns ``cache``, so that it can
+    decorate. For estimator modules, which this layer cannot import."""
+    if not callable(getattr(cache, "cache_clear", None)):
+        raise TypeError(f"register_cache needs an object with cache_clear(), got {cache!r}")
+    _REGISTERED_CACHES.append(cache)
+    return cache
+
+
 def clear_caches() -> None:
     """Free every compiled sampler pcbtl holds, and JAX's own compilation caches.
 
@@ -153,7 +169,8 @@ def clear_caches() -> None:
 
     _batched_sampler.cache_clear()
     _INIT_CACHE.clear()
-    for cache in (_flat_apply, _head_apply, _network_outputs, _head_outputs):
+    builders = (_flat_apply, _head_apply, _network_outputs, _head_outputs, ensemble_apply)
+    for cache in (*builders, *_REGISTERED_CACHES):
         cache.cache_clear()
     jax.clear_caches()
     gc.collect()
