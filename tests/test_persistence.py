@@ -528,3 +528,12 @@ def test_batch_fits_load_as_models(tmp_path, monkeypatch):
         batch.load_fit(cfg.out, "stray")
     with pytest.raises(ValueError, match="not a fit id"):
         batch.load_fit(cfg.out, "../job")
+
+
+def test_a_moved_private_scikit_learn_class_is_left_off_the_whitelist():
+    # private scikit-learn modules may move between releases: importing pcbtl must not fail
+    from pcbtl.estimators import persistence
+
+    found = persistence._importable(("sklearn.tree._tree:Tree", "sklearn.nowhere:X"))
+    assert [c.__name__ for c in found] == ["Tree"]
+    assert persistence._importable(("sklearn.tree:NoSuchClass",)) == []

@@ -76,6 +76,7 @@ from __future__ import annotations
 import copyreg
 import dataclasses
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -92,18 +93,11 @@ import jax.numpy as jnp
 import numpy as np
 import sklearn
 import xarray as xr
-from sklearn._loss._loss import CyHalfBinomialLoss
-from sklearn._loss.link import Interval, LogitLink
-from sklearn._loss.loss import HalfBinomialLoss
-from sklearn.calibration import _CalibratedClassifier, _SigmoidCalibration
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestRegressor
-from sklearn.ensemble._hist_gradient_boosting.binning import _BinMapper
-from sklearn.ensemble._hist_gradient_boosting.predictor import TreePredictor
 from sklearn.isotonic import IsotonicRegression
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import LabelEncoder
 from sklearn.tree import DecisionTreeRegressor
-from sklearn.tree._tree import Tree
 
 from pcbtl._files import atomic_write_bytes
 from pcbtl._validation import json_depth
@@ -160,25 +154,45 @@ _REGISTRY: dict[str, type] = {
     cls.__name__: cls
     for cls in (Posterior, DistanceCurve, ReferenceGram, LastLayerStats, TangentStats, HeadPrior)
 }
+#: scikit-learn's private classes that fitted forests, boosted trees and calibrated classifiers
+#: hold, as ``module:name``. Private modules may move between releases: one that cannot be
+#: imported is left off the whitelist (an archive holding it then cannot be written or read,
+#: and says which class), instead of making ``import pcbtl`` fail.
+_SKLEARN_PRIVATE = (
+    "sklearn.tree._tree:Tree",
+    "sklearn.ensemble._hist_gradient_boosting.binning:_BinMapper",
+    "sklearn.ensemble._hist_gradient_boosting.predictor:TreePredictor",
+    "sklearn._loss.loss:HalfBinomialLoss",
+    "sklearn._loss._loss:CyHalfBinomialLoss",
+    "sklearn._loss.link:LogitLink",
+    "sklearn._loss.link:Interval",
+    "sklearn.calibration:_CalibratedClassifier",
+    "sklearn.calibration:_SigmoidCalibration",
+)
+
+
+def _importable(paths: tuple[str, ...]) -> list[type]:
+    out = []
+    for path in paths:
+        module, name = path.split(":")
+        try:
+            out.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return out
+
+
 _REGISTRY.update(
     {
         f"sklearn.{cls.__name__}": cls
         for cls in (
             RandomForestRegressor,
             DecisionTreeRegressor,
-            Tree,
             HistGradientBoostingClassifier,
-            _BinMapper,
-            TreePredictor,
-            HalfBinomialLoss,
-            CyHalfBinomialLoss,
-            LogitLink,
-            Interval,
-            _CalibratedClassifier,
             IsotonicRegression,
-            _SigmoidCalibration,
             StratifiedKFold,
             LabelEncoder,
+            *_importable(_SKLEARN_PRIVATE),
         )
     }
 )
