@@ -62,15 +62,21 @@ def parity_plot(
     return ax
 
 
-def distance_plot(posterior_d: np.ndarray, rate: float, *, ax: Any | None = None):
-    """Histogram of posterior draws of ``d`` over the prior density ``λ e^{−λd}``."""
+def distance_plot(
+    posterior_d: np.ndarray, rate: float, *, ax: Any | None = None, units: str = "noise sds"
+):
+    """Histogram of posterior draws of ``d`` over the prior density ``λ e^{−λd}``.
+
+    ``units`` names the unit of ``d`` on the axis: ``"noise sds"`` for a regressor (``d`` is
+    measured in noise standard deviations), ``"sqrt(2 KL), nats"`` or ``None`` (no unit) for a
+    classifier, whose ``d = sqrt(2 E KL)`` has no noise scale."""
     ax = _axes(ax)
     d = np.asarray(posterior_d)
     top = max(np.quantile(d, 0.995), 3.0 / rate)
     ax.hist(d, bins=40, range=(0, top), density=True, alpha=0.6, label="posterior")
     grid = np.linspace(0, top, 200)
     ax.plot(grid, rate * np.exp(-rate * grid), "k-", label=f"prior Exp({rate:.2f})")
-    ax.set_xlabel("distance d from the source model (noise sds)")
+    ax.set_xlabel("distance d from the source model" + (f" ({units})" if units else ""))
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
     return ax
