@@ -40,6 +40,7 @@ from pcbtl._validation import (
     check_probability,
     check_X,
 )
+from pcbtl.classification.source import SourceClassifier
 from pcbtl.estimators.persistence import Persistable
 from pcbtl.inference import (
     MCMC_METHODS,
@@ -138,12 +139,13 @@ def _live_parametrization(p: _PortableParametrization) -> TransferParametrizatio
 
 
 def _without_compiled(obj: Any, memo: dict[int, Any] | None = None) -> Any:
-    """``obj`` with every :class:`pcbtl.SourceModel` in it (inside dicts, lists and tuples)
-    replaced by a copy without its cached jitted functions (they are rebuilt on first use)."""
+    """``obj`` with every :class:`pcbtl.SourceModel` and :class:`pcbtl.SourceClassifier` in it
+    (inside dicts, lists and tuples) replaced by a copy without its cached jitted functions
+    (they are rebuilt on first use)."""
     memo = {} if memo is None else memo
     if id(obj) in memo:
         return memo[id(obj)]
-    if isinstance(obj, SourceModel):
+    if isinstance(obj, SourceModel | SourceClassifier):
         out: Any = dataclasses.replace(obj)
     elif isinstance(obj, dict):
         out = {k: _without_compiled(v, memo) for k, v in obj.items()}
@@ -160,7 +162,12 @@ def _without_compiled(obj: Any, memo: dict[int, Any] | None = None) -> Any:
 class EstimatorCore(Persistable):
     """What every estimator of the package shares, regressor or classifier: the fitted check
     (``NotFittedError`` until the attribute ``_FITTED_ATTRIBUTE`` is set), the input check of
-    prediction methods, and :meth:`save` / :meth:`load` without pickle."""
+    prediction methods, :meth:`save` / :meth:`load` without pickle, and pickling.
+
+    Pickling (``pickle``, ``joblib.dump``) leaves out what cannot be pickled — the jitted
+    functions a :class:`pcbtl.SourceModel` or :class:`pcbtl.SourceClassifier` caches, and
+    whatever :meth:`_portable_state` of a subclass takes out — and :meth:`_restore_state`
+    rebuilds it on load, so predictions after a round trip equal those before."""
 
     #: the attribute a successful ``fit`` sets last
     _FITTED_ATTRIBUTE = "n_features_in_"
@@ -183,34 +190,6 @@ class EstimatorCore(Persistable):
         validate_data(self, X, reset=False, skip_check_array=True, ensure_2d=False)
         return X_checked
 
-
-class RegressorBase(EstimatorCore, RegressorMixin, BaseEstimator):
-    """The scikit-learn base of every estimator in the package.
-
-    ``BaseEstimator`` gives ``get_params``/``set_params``, ``clone`` and the ``repr``;
-    ``RegressorMixin`` gives the ``"regressor"`` tags and ``score(X, y)``, the coefficient of
-    determination ``R² = 1 − Σ_i (y_i − ŷ_i)² / Σ_i (y_i − ȳ)²`` of :meth:`predict`.
-    Subclasses store their parameters in ``__init__`` unchanged and check them in ``fit``,
-    which ends with :meth:`_record_features` and returns ``self``; prediction methods start
-    with :meth:`_check_input`. Fitted means having the attribute ``_FITTED_ATTRIBUTE``.
-
-    Pickling (``pickle``, ``joblib.dump``) leaves out what cannot be pickled — the jitted
-    functions a :class:`pcbtl.SourceModel` caches, and whatever :meth:`_portable_state` of a
-    subclass takes out — and :meth:`_restore_state` rebuilds it on load, so predictions after
-    a round trip equal those before. :meth:`save` and :meth:`load` keep a fitted estimator
-    without pickle (:mod:`pcbtl.estimators.persistence`).
-    """
-
-    def _record_features(self, X: Any) -> None:
-        """Set ``feature_names_in_`` from the columns of a DataFrame ``X`` (remove it for any
-        other ``X``); ``n_features_in_`` is set by the fit itself."""
-        validate_data(self, X, reset=True, skip_check_array=True, ensure_2d=False)
-        names = getattr(self, "feature_names_in_", None)
-        idata = getattr(self, "idata_", None)
-        if names is not None and idata is not None and "constant_data" in idata_groups(idata):
-            # the constant_data group's feature dimension, named after the DataFrame's columns
-            self.idata_ = idata_with_coords(idata, "constant_data", {"feature": list(names)})
-
     # ---- pickling ------------------------------------------------------------------------
     def _portable_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """The picklable form of ``vars(self)`` (``state`` is a copy of it)."""
@@ -225,6 +204,29 @@ class RegressorBase(EstimatorCore, RegressorMixin, BaseEstimator):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._restore_state()
+
+
+class RegressorBase(EstimatorCore, RegressorMixin, BaseEstimator):
+    """The scikit-learn base of every estimator in the package.
+
+    ``BaseEstimator`` gives ``get_params``/``set_params``, ``clone`` and the ``repr``;
+    ``RegressorMixin`` gives the ``"regressor"`` tags and ``score(X, y)``, the coefficient of
+    determination ``R² = 1 − Σ_i (y_i − ŷ_i)² / Σ_i (y_i − ȳ)²`` of :meth:`predict`.
+    Subclasses store their parameters in ``__init__`` unchanged and check them in ``fit``,
+    which ends with :meth:`_record_features` and returns ``self``; prediction methods start
+    with :meth:`_check_input`. Fitted means having the attribute ``_FITTED_ATTRIBUTE``;
+    pickling, :meth:`save` and :meth:`load` come from :class:`EstimatorCore`.
+    """
+
+    def _record_features(self, X: Any) -> None:
+        """Set ``feature_names_in_`` from the columns of a DataFrame ``X`` (remove it for any
+        other ``X``); ``n_features_in_`` is set by the fit itself."""
+        validate_data(self, X, reset=True, skip_check_array=True, ensure_2d=False)
+        names = getattr(self, "feature_names_in_", None)
+        idata = getattr(self, "idata_", None)
+        if names is not None and idata is not None and "constant_data" in idata_groups(idata):
+            # the constant_data group's feature dimension, named after the DataFrame's columns
+            self.idata_ = idata_with_coords(idata, "constant_data", {"feature": list(names)})
 
 
 class PosteriorRegressor(RegressorBase):

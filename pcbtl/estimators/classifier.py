@@ -564,6 +564,22 @@ class PCTransferClassifier(EstimatorCore, ClassifierMixin, BaseEstimator):
             out.append(_softmax_np(outputs))
         return np.concatenate(out, axis=1)
 
+    # ---- pickling: the scale prior's network function is rebuilt, not stored ---------------
+    def _portable_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The fit state without the scale prior's :class:`pcbtl.networks.NetworkFn` (a closure
+        of a cached factory, which pickle cannot store): ``"lp"`` keeps only its layer names
+        (a plain tuple), in its place."""
+        setup = state.get("_state")
+        if isinstance(setup, dict) and "lp" in setup:
+            state["_state"] = {k: (tuple(v.layers) if k == "lp" else v) for k, v in setup.items()}
+        return super()._portable_state(state)
+
+    def _restore_state(self) -> None:
+        setup = getattr(self, "_state", None)
+        if isinstance(setup, dict) and type(setup.get("lp")) is tuple:
+            lp = logit_parametrization(self.source, list(setup["lp"]), scale=self.scale)
+            self._state = {k: (lp if k == "lp" else v) for k, v in setup.items()}
+
     def predict_proba(self, X: Any) -> np.ndarray:
         """Posterior mean of the class probabilities, ``(n, K)``, columns as ``classes_``."""
         X = self._check_input(X)
