@@ -111,6 +111,7 @@ def test_every_method_shares_the_estimator_interface(name, task, source):
     np.testing.assert_allclose(est.predict(Xt), mu)
 
 
+@pytest.mark.filterwarnings("ignore::pcbtl.inference.SamplerWarning")  # tiny fits
 @pytest.mark.parametrize("name", EXPECTED)
 def test_every_method_is_equivariant_to_the_units_of_the_labels(name, task, source):
     # the whole problem in other units, y -> a + b y (source labels too, so the source network

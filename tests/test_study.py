@@ -290,6 +290,7 @@ TWO_SETTINGS = StudyConfig(
 )
 
 
+@pytest.mark.slow  # (45 s) the same runner's resume: test_classification_study.py
 def test_killed_study_resumes_where_it_stopped(tmp_path, capsys):
     cfg = TWO_SETTINGS
     full = run_study(cfg, tmp_path, verbose=False)
