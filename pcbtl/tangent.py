@@ -175,19 +175,26 @@ def _row_sq_norms(predict_fn: NetworkFn, theta: jax.Array, scales: jax.Array, X:
     return jnp.sum((_row_grad(predict_fn, theta, X) * scales) ** 2, axis=1)
 
 
+def _padded_chunks(X: jax.Array):
+    """``(start, m, rows)`` over ``X`` in chunks of ``ROW_CHUNK`` rows: ``rows`` holds rows
+    ``start … start + m − 1``, the last chunk padded with copies of its first row, so every
+    compiled call sees one shape (one compilation); keep the first ``m`` results."""
+    for start in range(0, X.shape[0], ROW_CHUNK):
+        rows = X[start : start + ROW_CHUNK]
+        m = rows.shape[0]
+        if m < ROW_CHUNK:
+            rows = jnp.concatenate([rows, jnp.repeat(rows[:1], ROW_CHUNK - m, axis=0)])
+        yield start, m, rows
+
+
 def tangent_jacobian(
     predict_fn: NetworkFn, theta: jax.Array, scales: jax.Array, X: Any
 ) -> np.ndarray:
     r"""``J_s(X) = ∇_θ g(X; θ) ⊙ s``, ``n × D`` in float64 (computed in float32, ``ROW_CHUNK``
     rows per compiled call; the last chunk is padded so every call has one shape)."""
     X = jnp.asarray(X, jnp.float32)
-    n = X.shape[0]
-    out = np.empty((n, theta.shape[0]), np.float64)
-    for start in range(0, n, ROW_CHUNK):
-        rows = X[start : start + ROW_CHUNK]
-        m = rows.shape[0]
-        if m < ROW_CHUNK:  # one shape, one compilation
-            rows = jnp.concatenate([rows, jnp.repeat(rows[:1], ROW_CHUNK - m, axis=0)])
+    out = np.empty((X.shape[0], theta.shape[0]), np.float64)
+    for start, m, rows in _padded_chunks(X):
         out[start : start + m] = np.asarray(_row_grad_jit(predict_fn, theta, rows) * scales)[:m]
     return out
 
@@ -198,11 +205,7 @@ def tangent_kappa(predict_fn: NetworkFn, theta: jax.Array, scales: jax.Array, Xr
     if Xref.shape[0] == 0:
         raise ValueError("the tangent prior needs at least one reference input")
     total = 0.0
-    for start in range(0, Xref.shape[0], ROW_CHUNK):
-        rows = Xref[start : start + ROW_CHUNK]
-        m = rows.shape[0]
-        if m < ROW_CHUNK:
-            rows = jnp.concatenate([rows, jnp.repeat(rows[:1], ROW_CHUNK - m, axis=0)])
+    for _, m, rows in _padded_chunks(Xref):
         sq = np.asarray(_row_sq_norms(predict_fn, theta, scales, rows), np.float64)[:m]
         total += float(np.sum(sq))
     return float(np.sqrt(total / Xref.shape[0]))
