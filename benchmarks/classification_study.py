@@ -71,8 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicates", type=int, default=None, help="replicates per setting")
     parser.add_argument("--n-targets", default=None, help="comma-separated target sizes")
     parser.add_argument("--out", type=Path, default=OUT, help="parent folder of k2/ and k3/")
+    parser.add_argument(
+        "--no-batch",
+        action="store_true",
+        help="fit the replicates one by one (faster on a CPU; the draws are the same)",
+    )
     args = parser.parse_args(argv)
-    changes = {}
+    changes: dict = {"batched": False} if args.no_batch else {}
     if args.replicates is not None:
         changes["n_replicates"] = args.replicates
     if args.n_targets:

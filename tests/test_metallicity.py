@@ -152,6 +152,54 @@ def test_builtin_options_reach_the_estimators():
     assert forest.estimator.n_estimators == config.forest_trees
 
 
+def test_every_registry_method_gets_the_run_budget_and_the_source_rows():
+    """The baselines are fitted with the run's settings, not their constructors' defaults:
+    the Bayesian last layer with the run's sampler, the fresh networks with ``network_*``,
+    the pretrained Gaussian prior on the layers and budget of pc-scale-deep, the forests with
+    ``forest_trees``; the multi-task methods get the labelled source rows."""
+    names = (
+        "target-only",
+        "latent-bnn",
+        "multitask-bnn",
+        "bayes-last-layer",
+        "pretrained-gaussian",
+        "latent-rf",
+        "multitask-rf",
+        "fine-tuning",
+        "source-only",
+    )
+    config = MetallicityConfig(
+        methods=names,
+        num_warmup=7,
+        num_samples=9,
+        num_chains=3,
+        network_draws=5,
+        network_chains=1,
+        forest_trees=13,
+        multitask_source_rows=17,
+    )
+    Xs, ys = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    est = {k: make() for k, make in method_factories("SRC", config, source_data=(Xs, ys)).items()}
+
+    def budget(e):
+        return (e.num_warmup, e.num_samples, e.num_chains)
+
+    for m in ("target-only", "latent-bnn", "multitask-bnn"):
+        assert budget(est[m]) == (5, 5, 1), m
+    assert budget(est["bayes-last-layer"]) == (7, 9, 3)
+    pre = est["pretrained-gaussian"]
+    assert budget(pre) == (config.deep_draws, config.deep_draws, config.deep_chains)
+    assert pre.transfer_layers == config.deep_layers
+    for m in ("latent-rf", "multitask-rf"):
+        assert est[m].n_estimators == 13, m
+    for m in ("multitask-bnn", "multitask-rf"):
+        assert est[m].source_X is Xs and est[m].source_y is ys and est[m].max_source_rows == 17
+    assert "source_X" not in est["latent-bnn"].get_params()
+    assert all(est[m].get_params()["seed"] == config.seed for m in names if m != "source-only")
+    alone = method_factories("SRC", config)["multitask-bnn"]()
+    assert alone.source_X is None  # no rows given: the source's reference inputs at fit time
+
+
 # ---- end to end on the shared data --------------------------------------------------------
 
 

@@ -190,6 +190,16 @@ class EstimatorCore(Persistable):
         validate_data(self, X, reset=False, skip_check_array=True, ensure_2d=False)
         return X_checked
 
+    def _record_features(self, X: Any) -> None:
+        """Set ``feature_names_in_`` from the columns of a DataFrame ``X`` (remove it for any
+        other ``X``); ``n_features_in_`` is set by the fit itself."""
+        validate_data(self, X, reset=True, skip_check_array=True, ensure_2d=False)
+        names = getattr(self, "feature_names_in_", None)
+        idata = getattr(self, "idata_", None)
+        if names is not None and idata is not None and "constant_data" in idata_groups(idata):
+            # the constant_data group's feature dimension, named after the DataFrame's columns
+            self.idata_ = idata_with_coords(idata, "constant_data", {"feature": list(names)})
+
     # ---- pickling ------------------------------------------------------------------------
     def _portable_state(self, state: dict[str, Any]) -> dict[str, Any]:
         """The picklable form of ``vars(self)`` (``state`` is a copy of it)."""
@@ -217,16 +227,6 @@ class RegressorBase(EstimatorCore, RegressorMixin, BaseEstimator):
     with :meth:`_check_input`. Fitted means having the attribute ``_FITTED_ATTRIBUTE``;
     pickling, :meth:`save` and :meth:`load` come from :class:`EstimatorCore`.
     """
-
-    def _record_features(self, X: Any) -> None:
-        """Set ``feature_names_in_`` from the columns of a DataFrame ``X`` (remove it for any
-        other ``X``); ``n_features_in_`` is set by the fit itself."""
-        validate_data(self, X, reset=True, skip_check_array=True, ensure_2d=False)
-        names = getattr(self, "feature_names_in_", None)
-        idata = getattr(self, "idata_", None)
-        if names is not None and idata is not None and "constant_data" in idata_groups(idata):
-            # the constant_data group's feature dimension, named after the DataFrame's columns
-            self.idata_ = idata_with_coords(idata, "constant_data", {"feature": list(names)})
 
 
 class PosteriorRegressor(RegressorBase):

@@ -59,7 +59,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -70,7 +70,6 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.infer import init_to_median, init_to_sample
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import validate_data
 
 from pcbtl._validation import (
     check_hidden,
@@ -416,12 +415,21 @@ class _ClassifierBase(EstimatorCore, ClassifierMixin, BaseEstimator):
         t0 = time.perf_counter()
         self._check_params()
         Xc, classes, y_idx = self._check_data(X, y)
-        self._fit(Xc, y_idx, classes.size, **options)
-        self.classes_ = classes
-        self.n_features_in_ = Xc.shape[1]
-        self.fit_seconds_ = time.perf_counter() - t0
-        validate_data(self, X, reset=True, skip_check_array=True, ensure_2d=False)
+        fitted = self._fit(Xc, y_idx, classes.size, **options)
+        self._finish_fit(fitted, Xc, classes, time.perf_counter() - t0)
+        self._record_features(X)
         return self
+
+    def _finish_fit(self, fitted: Any, X: np.ndarray, classes: np.ndarray, seconds: float) -> None:
+        """The tail of every fit (alone or in a batch): ``_after_fit`` and the fitted
+        attributes every classifier has."""
+        self._after_fit(fitted)
+        self.classes_ = classes
+        self.n_features_in_ = X.shape[1]
+        self.fit_seconds_ = float(seconds)
+
+    def _after_fit(self, fitted: Any) -> None:
+        """Subclass hook: extra fitted attributes from what ``_fit`` returned."""
 
     def _fit(self, X: np.ndarray, y_idx: np.ndarray, K: int, **options: Any) -> Any:
         raise NotImplementedError  # pragma: no cover - abstract
@@ -647,20 +655,31 @@ class _PosteriorClassifier(_ClassifierBase):
     def _nuts_fit(self, Z: np.ndarray, K: int, context: Any) -> _NutsFit:
         raise NotImplementedError  # pragma: no cover - abstract
 
-    def _fit(self, X, y_idx, K, **options):
+    def _nuts_plan(self, X: np.ndarray, y_idx: np.ndarray, K: int, **options: Any) -> BatchPlan:
+        """The NUTS fit on checked data as a :class:`pcbtl.inference.BatchPlan` whose
+        ``complete(posterior, seconds)`` judges the draws, stores the fit and returns the
+        training rows' target mask."""
         self._check_sampler_settings()
         t0 = time.perf_counter()
         inputs, context = self._input_map()
         Z, labels, is_target = self._training_rows(X, y_idx, inputs, **options)
         nf = self._nuts_fit(Z, K, context)
-        plan = BatchPlan(
+        return BatchPlan(
             model=nf.model,
             kwargs={
                 **nf.kwargs,
                 "X": jnp.asarray(Z, jnp.float32),
                 "Y": jnp.asarray(_one_hot(labels, K)),
             },
-            complete=lambda posterior, seconds: posterior,
+            complete=partial(
+                self._store_nuts,
+                Z=Z,
+                labels=labels,
+                is_target=is_target,
+                K=K,
+                nf=nf,
+                inputs=inputs,
+            ),
             num_warmup=int(self.num_warmup),
             num_samples=int(self.num_samples),
             seed=int(self.seed),
@@ -671,7 +690,19 @@ class _PosteriorClassifier(_ClassifierBase):
             num_chains=int(self.num_chains),
             chain_method=resolve_chain_method(self.chain_method),
         )
-        posterior = run_plans([plan], progress_bar=bool(self.progress_bar))[0]
+
+    def _store_nuts(
+        self,
+        posterior: Posterior,
+        seconds: float = 0.0,
+        *,
+        Z: np.ndarray,
+        labels: np.ndarray,
+        is_target: np.ndarray,
+        K: int,
+        nf: _NutsFit,
+        inputs: Callable[[np.ndarray], np.ndarray],
+    ) -> np.ndarray:
         if not np.all(np.isfinite(posterior.samples["theta"])):
             raise FloatingPointError("non-finite posterior draws of the weights; fit failed")
         Zt, yt = Z[is_target], labels[is_target]
@@ -692,6 +723,35 @@ class _PosteriorClassifier(_ClassifierBase):
         self.posterior_ = posterior
         self.num_divergences_ = posterior.num_divergences
         return is_target
+
+    def _fit(self, X, y_idx, K, **options):
+        plan = self._nuts_plan(X, y_idx, K, **options)
+        posterior = run_plans([plan], progress_bar=bool(self.progress_bar))[0]
+        return plan.complete(posterior)
+
+    # ---- batched fitting (pcbtl.estimators.registry.fit_replicates) ----------------------------
+    def _batchable(self) -> bool:
+        return True
+
+    def _fit_options(self) -> dict[str, Any]:
+        """The ``_fit`` options of a fit without ``fit`` keywords (subclass hook)."""
+        return {}
+
+    def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
+        """``fit(X, y)`` as a :class:`pcbtl.inference.BatchPlan`, so that many fits of the same
+        network and data shapes are sampled as one vmapped NUTS job; its ``complete`` stores
+        the whole fit (``fit_seconds_`` the seconds it is given)."""
+        t0 = time.perf_counter()
+        self._check_params()
+        Xc, classes, y_idx = self._check_data(X, y)
+        plan = self._nuts_plan(Xc, y_idx, classes.size, **self._fit_options())
+
+        def complete(posterior: Posterior, seconds: float = 0.0):
+            fitted = plan.complete(posterior)
+            self._finish_fit(fitted, Xc, classes, seconds)
+            return self
+
+        return plan._replace(complete=complete, setup_seconds=time.perf_counter() - t0)
 
     def _proba(self, X):
         return _draw_probs(self.posterior_, self._predict_fn, self._inputs(X)).mean(axis=0)
@@ -923,10 +983,8 @@ class BayesianLastLayerClassifier(_SourceNetworkClassifier):
             bayes_last_layer_classifier_model, kwargs, head, init_to_median(num_samples=15)
         )
 
-    def _fit(self, X, y_idx, K, **options):
-        out = super()._fit(X, y_idx, K, **options)
+    def _after_fit(self, fitted: Any) -> None:
         self.tau_ = self.posterior_.flat("tau").astype(np.float64)
-        return out
 
 
 PretrainedGaussianClassifier.__doc__ = PretrainedGaussianClassifier.__doc__.replace(
@@ -1023,6 +1081,9 @@ class _ArchitectureClassifier(_PosteriorClassifier):
 
     def _learner(self, K: int) -> _ForestLearner:
         return _ForestLearner(int(self.n_estimators), int(self.min_samples_leaf), 0, int(self.seed))
+
+    def _batchable(self) -> bool:
+        return self.base == "bnn"
 
     def _fit(self, X, y_idx, K, **options):
         if self.base == "bnn":
@@ -1295,11 +1356,12 @@ class MultiTaskClassifier(_ArchitectureClassifier):
         )
         return NetworkFn(_task_apply(inner.apply, n_out), inner.aux), scales
 
-    def _fit(self, X, y_idx, K, **options):
-        is_target = super()._fit(X, y_idx, K, **options)
-        self.n_target_rows_ = int(is_target.sum())
-        self.n_source_rows_ = int((~is_target).sum())
-        return is_target
+    def _fit_options(self) -> dict[str, Any]:
+        return {"source_rows": (self.source_X, self.source_y)}
+
+    def _after_fit(self, fitted: Any) -> None:
+        self.n_target_rows_ = int(fitted.sum())
+        self.n_source_rows_ = int((~fitted).sum())
 
 
 for _cls in (

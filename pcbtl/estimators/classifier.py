@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import init_to_uniform
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import validate_data
 
 from pcbtl._validation import check_integer, check_X
 from pcbtl.classification.models import (
@@ -444,8 +443,13 @@ class PCTransferClassifier(EstimatorCore, ClassifierMixin, BaseEstimator):
         plan = self._batch_plan(X, y)
         posterior = run_plans([plan], progress_bar=bool(self.progress_bar))[0]
         plan.complete(posterior, seconds=time.perf_counter() - t0)
-        validate_data(self, X, reset=True, skip_check_array=True, ensure_2d=False)
+        self._record_features(X)
         return self
+
+    def _batchable(self) -> bool:
+        """Fits of the same prior, source architecture and data shapes can be sampled as one
+        vmapped job (:func:`pcbtl.estimators.registry.fit_replicates`)."""
+        return True
 
     def _batch_plan(self, X: Any, y: Any) -> BatchPlan:
         """The fit as a :class:`pcbtl.inference.BatchPlan` (model, arguments, settings and the

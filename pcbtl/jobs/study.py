@@ -496,6 +496,11 @@ def _resume(
     if cfg_path.exists():
         old = _recorded_config(json.loads(cfg_path.read_text()).get("config") or {})
         new = json.loads(json.dumps(asdict(config), default=str))
+        # how the replicates are sampled (one vmapped job or one by one) does not change the
+        # draws (same seeds, same plans), so a study may resume with the other choice
+        for k in _EXECUTION_KEYS:
+            old.pop(k, None)
+            new.pop(k, None)
         if old != new:
             raise ValueError(
                 f"{out} holds a study of a different configuration; choose another --out "
@@ -511,6 +516,10 @@ def _resume(
     if verbose and done:
         print(f"resuming {out}: {len(done)} setting(s) already complete, skipped", flush=True)
     return rows, done
+
+
+#: settings of how a study runs, not of what it computes (ignored when resuming)
+_EXECUTION_KEYS = ("batched",)
 
 
 def _recorded_config(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -108,6 +108,9 @@ _RESULT_KEYS = (
     "deep_draws",
     "deep_chains",
     "forest_trees",
+    "network_draws",
+    "network_chains",
+    "multitask_source_rows",
     "n_bins",
     "seed",
     "method_options",
@@ -212,7 +215,15 @@ class MetallicityConfig:
     deep_layers: int = 2  # pc-scale-deep: the scale prior on the last ``deep_layers`` layers
     deep_draws: int = 150  # pc-scale-deep: warm-up and draws per chain
     deep_chains: int = 2  # pc-scale-deep: chains
+    #: target-only and the Hutchinson architectures with a network learner (``*-bnn``): warm-up
+    #: and draws per chain, and chains (a fresh network on every row costs ~0.2 s per NUTS
+    #: iteration here: 880 s per fold at 4 chains of 500 + 500)
+    network_draws: int = 150
+    network_chains: int = 2
     forest_trees: int = 300
+    #: source rows (a seeded subset of the PBE labels) that the multi-task methods fit with
+    #: the target rows
+    multitask_source_rows: int = 2000
     n_bins: int = 15
     seed: int = 0
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -237,6 +248,11 @@ class MetallicityConfig:
 
 
 def _builtin_options(name: str, config: MetallicityConfig) -> dict[str, Any]:
+    """The run's settings as options of method ``name``: the PC priors' own (reference rows,
+    transfer layers, draws); for the registry's other methods the sampler settings of the
+    sampled ones (``num_warmup`` … for the Bayesian last layer; ``network_draws`` and
+    ``network_chains`` for the fresh networks; the pretrained Gaussian prior on the layers
+    and with the budget of ``pc-scale-deep``) and the tree count of the forest versions."""
     if name.startswith("pc-"):
         opts: dict[str, Any] = dict(
             num_warmup=config.num_warmup,
@@ -260,16 +276,50 @@ def _builtin_options(name: str, config: MetallicityConfig) -> dict[str, Any]:
         return opts
     if name == "forest":
         return dict(n_estimators=config.forest_trees, seed=config.seed)
-    return {}
+    info = CLASSIFICATION_METHODS.get(name)
+    if info is None or name == "source-only":
+        return {}
+    opts = {"seed": config.seed}
+    if info.uses_sampler:
+        opts.update(
+            num_warmup=config.num_warmup,
+            num_samples=config.num_samples,
+            num_chains=config.num_chains,
+            progress_bar=False,
+        )
+    if name == "target-only" or name.endswith("-bnn"):
+        opts.update(
+            num_warmup=config.network_draws,
+            num_samples=config.network_draws,
+            num_chains=config.network_chains,
+        )
+    if name == "pretrained-gaussian":  # the layers and sampler budget of pc-scale-deep
+        opts.update(
+            transfer_layers=config.deep_layers,
+            num_warmup=config.deep_draws,
+            num_samples=config.deep_draws,
+            num_chains=config.deep_chains,
+        )
+    if name.endswith("-rf"):
+        opts["n_estimators"] = config.forest_trees
+    if name.startswith("multitask-"):
+        opts["max_source_rows"] = config.multitask_source_rows
+    return opts
 
 
 def method_factories(
     source: Any,
     config: MetallicityConfig,
     registry: Mapping[str, Factory | tuple[Factory, str]] | None = None,
+    *,
+    source_data: tuple[Any, Any] | None = None,
 ) -> dict[str, Callable[[], Any]]:
     """``name → () -> unfitted estimator`` for ``config.methods`` (see :func:`available_methods`).
 
+    ``source_data = (X_source, y_source)``: the labelled source rows, given to the methods that
+    fit them beside the target rows (the multi-task ones; each keeps a seeded subset of
+    ``config.multitask_source_rows`` rows); without it those methods draw source labels from
+    the source classifier's probabilities at its reference inputs.
     ``ValueError`` naming the choices for an unknown method.
     """
     methods = available_methods(registry)
@@ -280,6 +330,10 @@ def method_factories(
     for name in config.methods:
         factory = methods[name][0]
         opts = {**_builtin_options(name, config), **config.method_options.get(name, {})}
+        info = CLASSIFICATION_METHODS.get(name)
+        if source_data is not None and info is not None and info.uses_source_data:
+            opts.setdefault("source_X", source_data[0])
+            opts.setdefault("source_y", source_data[1])
         out[name] = lambda factory=factory, opts=opts: factory(source, **opts)
     return out
 
@@ -569,7 +623,7 @@ def run_metallicity(
     source = _source_cached(
         out, Xs, ys, config, featurizer, _digest(src_formulas, ys.tolist()), progress
     )
-    factories = method_factories(source, config, registry)
+    factories = method_factories(source, config, registry, source_data=(Xs, ys))
     folds = matbench_folds(yt)
 
     rows = _read_rows(csv_path) if resume else []
