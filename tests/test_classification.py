@@ -362,6 +362,13 @@ def _check_fitted(clf, n_rows, K, labels):
     assert post.sizes["chain"] == 2 and post.sizes["draw"] == 150
     assert idata_group(clf.idata_, "log_likelihood")["y"].shape == (2, 150, n_rows)
     assert clf.distance_.shape == (300,) and np.all(np.isfinite(clf.distance_))
+    # the prior group: d ~ Exp(λ) drawn without data (150 draws; KS p > 0.001 — the
+    # constructions' exactness is tested at 4,000 draws above), τ too for the scale prior
+    prior = idata_group(clf.idata_, "prior")
+    assert prior["distance"].shape == (1, 150)
+    assert ("tau" in prior) == (clf.prior == "scale")
+    d = np.asarray(prior["distance"]).ravel()
+    assert stats.kstest(d, "expon", args=(0, 1 / clf.rate_)).pvalue > 1e-3
     assert "max_rhat" in clf.sampler_diagnostics_
     X = _task(K, 5, 99)[0]
     proba = clf.predict_proba(X)

@@ -220,8 +220,10 @@ class PCTransferClassifier(EstimatorCore, ClassifierMixin, BaseEstimator):
         none (:func:`pcbtl.classification.priors.ray_length`).
 
     Fitted attributes: ``classes_``, ``n_features_in_``, ``posterior_``, ``idata_`` (groups
-    posterior, sample_stats, log_likelihood, posterior_predictive and observed_data; labels in
-    the last three are class indices into ``classes_``), ``distance_`` (posterior draws of
+    posterior, sample_stats, log_likelihood, posterior_predictive and observed_data — labels in
+    the last three are class indices into ``classes_`` — and prior: one chain of ``d``, and
+    ``τ`` for the scale prior, drawn without data, for prior–posterior plots such as
+    ``az.plot_dist_comparison(clf.idata_, var_names=["distance"])``), ``distance_`` (posterior draws of
     ``d``), ``rate_``, ``prior_tail_``, ``reference_size_``, ``num_divergences_``,
     ``fit_seconds_``, ``prior_seconds_``, ``sampler_diagnostics_``; ``ridge_`` and ``beta_``
     (last layer) or ``curve_``, ``curve_rel_se_`` and ``transfer_layers_`` (scale).
@@ -516,6 +518,10 @@ class PCTransferClassifier(EstimatorCore, ClassifierMixin, BaseEstimator):
             log_likelihood=loglik.reshape(shape),
             posterior_predictive=pp.reshape(shape).astype(np.int64),
             observed=y_idx.astype(np.int64),
+            # d (and τ) under the prior, one chain of as many draws: for prior-posterior plots
+            prior={
+                k: v[None] for k, v in self._prior_draws(setup, draws, int(self.seed) + 1).items()
+            },
             attrs={
                 "pcbtl_prior": self.prior,
                 "U": float(self.U),
@@ -634,9 +640,18 @@ class PCTransferClassifier(EstimatorCore, ClassifierMixin, BaseEstimator):
         seed = check_integer(seed, "seed", minimum=0)
         self._check_params()
         setup = self._state if self.__sklearn_is_fitted__() else self._setup(None)
+        return self._prior_draws(setup, n, seed)["distance"]
+
+    def _prior_draws(self, setup: dict[str, Any], n: int, seed: int) -> dict[str, np.ndarray]:
+        """``n`` prior draws of ``d`` (and of ``τ`` for the scale prior), as
+        :meth:`prior_distance_samples` describes."""
         key = jax.random.PRNGKey(seed)
         if self.prior == "last_layer":
             draws = sample_head_prior(key, setup["head"], setup["rate"], n)
-            return np.asarray(_head_distances(draws["beta"], setup["head"]), np.float64)
+            d = _head_distances(draws["beta"], setup["head"])
+            return {"distance": np.asarray(d, np.float64)}
         tau = ClassifierScalePC(setup["curve"], setup["rate"]).sample(key, (n,))
-        return np.asarray(distance_curve_value(setup["curve"], tau), np.float64)
+        return {
+            "distance": np.asarray(distance_curve_value(setup["curve"], tau), np.float64),
+            "tau": np.asarray(tau, np.float64),
+        }
