@@ -200,6 +200,27 @@ def test_every_registry_method_gets_the_run_budget_and_the_source_rows():
     assert alone.source_X is None  # no rows given: the source's reference inputs at fit time
 
 
+def test_summary_pairs_every_method_with_the_best_over_shared_folds():
+    from pcbtl.materials.metallicity import _by_auc, _paired_markdown
+
+    def row(m, k, auc, ll, ece, error=""):
+        return {"method": m, "fold": k, "roc_auc": auc, "log_loss": ll, "ece": ece, "error": error}
+
+    rows = [row("b", k, 0.90 + 0.01 * k, 0.30, 0.03) for k in range(3)]
+    rows += [row("a", k, 0.95, 0.20 + 0.2 * (k == 2), 0.02) for k in range(3)]
+    rows += [row("c", 0, 0.99, 0.1, 0.01), row("d", 0, 0.5, 1, 1, error="boom")]
+    assert _by_auc(rows) == ["c", "a", "b", "d"]  # c: one fold only, d failed
+    lines = _paired_markdown(rows, ["a", "b", "d"])
+    assert "method − a" in lines[1]
+    (b,) = [ln for ln in lines if ln.startswith("| b |")]
+    cells = [c.strip() for c in b.split("|")[1:-1]]
+    # Δ AUC per fold −0.05, −0.04, −0.03; Δ log loss +0.1, +0.1, −0.1; Δ ECE +0.01 each
+    assert cells[1] == "3" and cells[2] == "-0.0400 ± 0.0058" and cells[3] == "0/3"
+    assert cells[4] == "+0.0333 ± 0.0667" and cells[5] == "1/3" and cells[7] == "0/3"
+    assert not any(ln.startswith(("| a |", "| d |")) for ln in lines)
+    assert _paired_markdown([row("d", 0, 0.5, 1, 1, error="boom")], ["d"]) == []
+
+
 # ---- end to end on the shared data --------------------------------------------------------
 
 
