@@ -5,6 +5,15 @@ Matbench copies in ``../shared/data`` (or ``$PCBTL_SHARED_DATA``); where they ar
 not collected, and the report header says why. Notebook 03 (the band-gap walk-through, 95 s on the
 2-core CI machine) runs with ``-m slow``: the band-gap application it steps through is run end to
 end by ``tests/test_bandgap.py`` in the default run.
+
+It also turns on JAX's persistent compilation cache for the test run (``.jax_cache/`` beside this
+file, git-ignored; a ``JAX_COMPILATION_CACHE_DIR`` already set wins). The suite compiles the same
+models in many modules, two xdist workers, the notebook kernels and the CLI subprocesses, and the
+per-module ``pcbtl.clear_caches()`` of ``tests/conftest.py`` drops the in-memory copies; about half
+of the suite's time was XLA compilation. The environment variables are set before anything imports
+JAX, so the workers and the subprocesses they start read them too. The cache is keyed by the
+program, the JAX version and the compiler flags, so a stale entry cannot be served; it changes
+timings, not results.
 """
 
 from __future__ import annotations
@@ -13,6 +22,15 @@ import os
 from pathlib import Path
 
 import pytest
+
+_JAX_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": str(Path(__file__).resolve().parent / ".jax_cache"),
+    # programs that compile faster than this are not worth a disk round trip
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.3",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 * 1024**3),  # bytes; least recently used go first
+}
+for _name, _value in _JAX_CACHE.items():
+    os.environ.setdefault(_name, _value)
 
 SHARED = Path(
     os.environ.get("PCBTL_SHARED_DATA", Path(__file__).resolve().parent.parent / "shared" / "data")
