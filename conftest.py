@@ -13,7 +13,8 @@ per-module ``pcbtl.clear_caches()`` of ``tests/conftest.py`` drops the in-memory
 of the suite's time was XLA compilation. The environment variables are set before anything imports
 JAX, so the workers and the subprocesses they start read them too. The cache is keyed by the
 program, the JAX version and the compiler flags, so a stale entry cannot be served; it changes
-timings, not results.
+timings, not results. It is not size-capped (JAX's cap needs the ``filelock`` package): a full
+run writes about NN MB; delete the folder to reclaim it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ _JAX_CACHE = {
     "JAX_COMPILATION_CACHE_DIR": str(Path(__file__).resolve().parent / ".jax_cache"),
     # programs that compile faster than this are not worth a disk round trip
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.3",
-    "JAX_COMPILATION_CACHE_MAX_SIZE": str(2 * 1024**3),  # bytes; least recently used go first
 }
 for _name, _value in _JAX_CACHE.items():
     os.environ.setdefault(_name, _value)
