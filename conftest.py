@@ -13,8 +13,8 @@ per-module ``pcbtl.clear_caches()`` of ``tests/conftest.py`` drops the in-memory
 of the suite's time was XLA compilation. The environment variables are set before anything imports
 JAX, so the workers and the subprocesses they start read them too. The cache is keyed by the
 program, the JAX version and the compiler flags, so a stale entry cannot be served; it changes
-timings, not results. It is not size-capped (JAX's cap needs the ``filelock`` package): a full
-run writes about NN MB; delete the folder to reclaim it.
+timings, not results. It is not size-capped (JAX's cap needs the ``filelock`` package): delete the
+folder to reclaim its space.
 """
 
 from __future__ import annotations
