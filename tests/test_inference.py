@@ -126,20 +126,39 @@ def test_divergences_above_one_percent_warn():
         check_sampler(post)
 
 
-def test_tail_ess_is_that_of_the_5_and_95_percent_quantiles():
-    # the docstring's definition on either ArviZ (1.x's own default tails are 11 % and 89 %);
-    # a slowly mixing random walk, where the tail ESS depends strongly on the quantile
+def test_rhat_and_ess_agree_with_arviz():
+    # R-hat is ArviZ's rank-normalised split R-hat to rounding. The effective sizes are
+    # NumPyro's estimator on the same rank-normalised split chains, and the tail ESS is the
+    # smaller of the 5 % and 95 % quantile ESS, as on either ArviZ (1.x's own default tails are
+    # 11 % and 89 %). On this slowly mixing random walk (the tail ESS depends strongly on the
+    # quantile) they differ from ArviZ's by 1.9-2.3 %, measured; 6 % is allowed: a wrong
+    # quantile (the 11/89 % tails) or a missing split/rank step is off by 10 % or more.
     import arviz as az  # after pcbtl.inference, which silences ArviZ 0.2x's import notice
 
     rng = np.random.default_rng(9)
-    draws = 0.1 * np.cumsum(rng.standard_normal((4, 300, 2)), axis=1)
-    draws += rng.standard_normal((4, 300, 2))
-    _, _, tail = rhat_ess(draws)
+    draws = 0.1 * np.cumsum(rng.standard_normal((4, 300, 3)), axis=1)
+    draws += rng.standard_normal((4, 300, 3))
+    draws[1, :, 2] += 0.3  # one chain apart in the last column
+    rhat, bulk, tail = rhat_ess(draws)
     data = az.convert_to_dataset({"x": draws})
+    np.testing.assert_allclose(rhat, np.asarray(az.rhat(data)["x"], np.float64), rtol=1e-10)
+    np.testing.assert_allclose(bulk, np.asarray(az.ess(data, method="bulk")["x"]), rtol=0.06)
     quantile = [
         np.asarray(az.ess(data, method="quantile", prob=p)["x"], np.float64) for p in (0.05, 0.95)
     ]
-    np.testing.assert_allclose(tail, np.minimum(*quantile), rtol=1e-10)
+    np.testing.assert_allclose(tail, np.minimum(*quantile), rtol=0.06)
+
+
+def test_rhat_ess_of_one_chain_and_of_constant_columns():
+    # one chain is judged as its two halves: a chain that drifts has a large R-hat
+    rng = np.random.default_rng(3)
+    drift = np.linspace(0.0, 3.0, 200)[None, :, None] + rng.standard_normal((1, 200, 1))
+    steady = rng.standard_normal((1, 200, 1))
+    rhat, bulk, _ = rhat_ess(np.concatenate([drift, steady, np.ones((1, 200, 1))], axis=2))
+    assert rhat[0] > 1.3 and rhat[1] < 1.05 and 50 < bulk[1]
+    assert np.isnan(rhat[2]) and np.isnan(bulk[2])  # constant: NaN, not a figure
+    with pytest.raises(ValueError, match="at least 4 draws"):
+        rhat_ess(np.zeros((4, 3, 1)))
 
 
 def test_the_conversion_layer_builds_and_reads_both_arviz_versions(tmp_path):

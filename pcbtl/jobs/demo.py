@@ -27,19 +27,34 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress_bar: bool = True) -> dict:
+def run_demo(
+    out: Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    progress_bar: bool = True,
+    draws: int | None = None,
+    chains: int = 4,
+) -> dict:
     """The built-in demo: synthetic source/target task, source network, three fits, outputs.
 
     Writes ``pc_last_layer.nc`` and ``pc_scale.nc`` (ArviZ netCDF), ``parity.png`` and
-    ``distance.png`` into ``out`` and returns the metrics table as a dict.
+    ``distance.png`` into ``out`` and returns the metrics table as a dict. Every NUTS fit runs
+    ``chains`` chains of ``draws`` warm-up and ``draws`` kept iterations (500, or 200 with
+    ``quick``, where ``draws`` is not given).
     """
+    if draws is not None and draws < 10:
+        raise ValueError(f"draws must be at least 10, got {draws}")
+    if chains < 1:
+        raise ValueError(f"chains must be at least 1, got {chains}")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    n_draws = 200 if quick else 500
+    n_draws = draws if draws is not None else (200 if quick else 500)
+    nuts = {"num_warmup": n_draws, "num_samples": n_draws, "num_chains": chains}
     t_start = time.perf_counter()
     _say("[1/5] simulating a source task (3,000 rows) and a shifted target (100 rows)")
     task = make_synthetic_task(n_source=3000, n_target=100, n_test=1000, seed=seed)
@@ -55,9 +70,9 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress_bar: boo
     intervals["source-only"] = (mu, mu - half, mu + half)
 
     _say("[3/5] target-only Bayesian network (NUTS)")
-    target_only = BayesianNetworkRegressor(
-        num_warmup=n_draws, num_samples=n_draws, seed=seed, progress_bar=progress_bar
-    ).fit(task.X_target, task.y_target)
+    target_only = BayesianNetworkRegressor(**nuts, seed=seed, progress_bar=progress_bar).fit(
+        task.X_target, task.y_target
+    )
     lo, hi = target_only.predict_interval(task.X_test)
     intervals["target-only BNN"] = (target_only.predict(task.X_test), lo, hi)
 
@@ -67,8 +82,7 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress_bar: boo
         model = PCTransferRegressor(
             source,
             prior=prior,
-            num_warmup=n_draws,
-            num_samples=n_draws,
+            **nuts,
             seed=seed,
             progress_bar=progress_bar,
         ).fit(task.X_target, task.y_target)
@@ -117,14 +131,25 @@ def run_demo(out: Path, *, quick: bool = False, seed: int = 0, progress_bar: boo
 
 
 def _demo(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), quick=args.quick, seed=args.seed, progress_bar=not args.no_progress)
+    run_demo(
+        Path(args.out),
+        quick=args.quick,
+        seed=args.seed,
+        progress_bar=not args.no_progress,
+        draws=args.draws,
+        chains=args.chains,
+    )
     return 0
 
 
 def add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="fit the built-in synthetic transfer task and write outputs")
     p.add_argument("--out", default="pcbtl-demo", help="output folder (default: pcbtl-demo)")
-    p.add_argument("--quick", action="store_true", help="fewer posterior draws")
+    p.add_argument("--quick", action="store_true", help="fewer posterior draws (200, not 500)")
+    p.add_argument(
+        "--draws", type=int, default=None, help="warm-up and kept NUTS iterations per chain"
+    )
+    p.add_argument("--chains", type=int, default=4, help="NUTS chains per fit (default: 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_demo)
