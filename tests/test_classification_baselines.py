@@ -421,7 +421,13 @@ def test_multi_task_source_rows(sources, source_right):
 
 
 @pytest.mark.filterwarnings("ignore::pcbtl.inference.SamplerWarning")  # short chains
-def test_replicates_fit_as_one_batch_like_alone(sources, binary_fits, source_right):
+@pytest.mark.parametrize(
+    "name",
+    # the multi-task network's batched path (44 s of this test with the others) is opt-in; the
+    # other two cover a baseline with its own attributes and a PC classifier
+    ["bayes-last-layer", pytest.param("multitask-bnn", marks=pytest.mark.slow), "pc-last-layer"],
+)
+def test_replicates_fit_as_one_batch_like_alone(name, sources, binary_fits, source_right):
     """fit_replicates samples the NUTS classifiers of two data sets in one job: each replicate's
     probabilities are those of its own fit alone (same seed and data: the same plan, so the
     same draws up to floating point; 0.0000 measured, allowed 0.02 mean absolute difference,
@@ -436,23 +442,23 @@ def test_replicates_fit_as_one_batch_like_alone(sources, binary_fits, source_rig
     data = [(pd.DataFrame(X, columns=cols), y), (X2, y2)]
     assert not supports_batching(_build("latent-rf", sources[2]))
     assert not supports_batching(_build("fine-tuning", sources[2]))
-    for name in ("bayes-last-layer", "multitask-bnn", "pc-last-layer"):
-        alone = binary_fits.get(name) or _build(name, sources[2]).fit(X, y)
-        ests = [_build(name, sources[2], seed=0), _build(name, sources[2], seed=1)]
-        assert all(supports_batching(e) for e in ests), name
-        fit_replicates(ests, data)
-        assert all(e.batched_ for e in ests), name
-        p0 = ests[0].predict_proba(pd.DataFrame(Xt, columns=cols))[:, 1]
-        p1 = ests[1].predict_proba(Xt)[:, 1]
-        same = np.abs(p0 - alone.predict_proba(Xt)[:, 1]).mean()
-        other = np.abs(p1 - p0).mean()
-        assert same < 0.02 and same < 0.1 * other, (name, same, other)
-        assert list(ests[0].feature_names_in_) == cols and not hasattr(ests[1], "feature_names_in_")
-        for est in ests:
-            assert np.array_equal(est.classes_, [0, 1]) and est.fit_seconds_ > 0
-            assert est.idata_.posterior.sizes["chain"] == NUTS["num_chains"]
-        if name == "bayes-last-layer":
-            assert ests[1].tau_.shape == (NUTS["num_chains"] * NUTS["num_samples"],)
-        if name == "multitask-bnn":
-            assert (ests[1].n_source_rows_, ests[1].n_target_rows_) == (300, 40)
-    assert ests[0].distance_.shape == (NUTS["num_chains"] * NUTS["num_samples"],)
+    alone = binary_fits.get(name) or _build(name, sources[2]).fit(X, y)
+    ests = [_build(name, sources[2], seed=0), _build(name, sources[2], seed=1)]
+    assert all(supports_batching(e) for e in ests), name
+    fit_replicates(ests, data)
+    assert all(e.batched_ for e in ests), name
+    p0 = ests[0].predict_proba(pd.DataFrame(Xt, columns=cols))[:, 1]
+    p1 = ests[1].predict_proba(Xt)[:, 1]
+    same = np.abs(p0 - alone.predict_proba(Xt)[:, 1]).mean()
+    other = np.abs(p1 - p0).mean()
+    assert same < 0.02 and same < 0.1 * other, (name, same, other)
+    assert list(ests[0].feature_names_in_) == cols and not hasattr(ests[1], "feature_names_in_")
+    for est in ests:
+        assert np.array_equal(est.classes_, [0, 1]) and est.fit_seconds_ > 0
+        assert est.idata_.posterior.sizes["chain"] == NUTS["num_chains"]
+    if name == "bayes-last-layer":
+        assert ests[1].tau_.shape == (NUTS["num_chains"] * NUTS["num_samples"],)
+    if name == "multitask-bnn":
+        assert (ests[1].n_source_rows_, ests[1].n_target_rows_) == (300, 40)
+    if name == "pc-last-layer":
+        assert ests[0].distance_.shape == (NUTS["num_chains"] * NUTS["num_samples"],)

@@ -8,7 +8,7 @@ from functools import partial
 import jax
 import numpy as np
 import pytest
-from tiny_methods import tiny_options
+from tiny_methods import TINY_NUTS, tiny_options
 
 import pcbtl
 from pcbtl.estimators.baselines import BayesianLastLayerRegressor
@@ -32,7 +32,7 @@ EXPECTED = [
     "latent-rf",
 ]
 
-NUTS = {"num_warmup": 60, "num_samples": 60, "num_chains": 2}
+NUTS = TINY_NUTS
 # tiny fits: the interface is under test here, not the statistics (their sampler warnings, of
 # divergences after 40 warm-up steps, are silenced where they are used)
 OPTIONS = tiny_options(NUTS)

@@ -24,7 +24,7 @@ import joblib
 import numpy as np
 import pytest
 from sklearn.ensemble import HistGradientBoostingClassifier
-from tiny_methods import tiny_options
+from tiny_methods import TINY_NUTS, TINY_ROWS, TINY_TEST, tiny_options
 
 import pcbtl
 from pcbtl import PCTransferClassifier, train_source_classifier
@@ -39,7 +39,7 @@ from pcbtl.inference import idata_group, idata_groups
 from pcbtl.jobs import batch
 
 # tiny sampler settings: the round trip is under test, not the statistics
-NUTS = {"num_warmup": 10, "num_samples": 10, "num_chains": 2}
+NUTS = TINY_NUTS
 OPTIONS = tiny_options(NUTS)
 PC = {"progress_bar": False, **NUTS}
 
@@ -52,17 +52,21 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 @pytest.fixture(scope="module")
-def small():
-    return pcbtl.make_synthetic_task(
-        n_source=400, n_target=40, n_test=60, n_features=3, shift=2.0, noise_sd=0.2, seed=1
+def small(task):
+    """The shared task of tests/conftest.py at the rows test_methods.py fits (its compiled
+    samplers are then read from the test run's JAX cache, see tests/tiny_methods.py)."""
+    return task._replace(
+        X_target=task.X_target[:TINY_ROWS],
+        y_target=task.y_target[:TINY_ROWS],
+        X_test=task.X_test[:TINY_TEST],
+        y_test=task.y_test[:TINY_TEST],
+        f_test=task.f_test[:TINY_TEST],
     )
 
 
 @pytest.fixture(scope="module")
-def src(small):
-    return pcbtl.train_source(
-        small.X_source, small.y_source, hidden=(8,), seed=0, max_epochs=30, progress_bar=False
-    )
+def src(source):
+    return source
 
 
 @pytest.fixture(scope="module")

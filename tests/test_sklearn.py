@@ -26,19 +26,20 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils.estimator_checks import check_estimator
 from sklearn.utils.validation import check_is_fitted
-from tiny_methods import tiny_options
+from tiny_methods import TINY_NUTS, TINY_ROWS, TINY_TEST, tiny_options
 
 import pcbtl
 from pcbtl.materials.features import CompositionFeaturizer, StructureFeaturizer
 from pcbtl.networks import SourceModel
 
-# tiny sampler settings: the scikit-learn interface is under test, not the statistics
-NUTS = {"num_warmup": 30, "num_samples": 30, "num_chains": 2}
+# tiny sampler settings: the scikit-learn interface is under test, not the statistics (those of
+# test_methods.py, on the same rows where a test fits once: the same compiled samplers)
+NUTS = TINY_NUTS
 OPTIONS = tiny_options(NUTS)
 PC = {"progress_bar": False, **NUTS}
 ESTIMATORS = ["PCTransferRegressor-last_layer", "PCTransferRegressor-scale", *OPTIONS]
 
-# 30 warm-up steps leave NUTS untuned: its diagnostics (divergences, R-hat over 2 short chains)
+# 60 warm-up steps leave NUTS untuned: its diagnostics (divergences, R-hat over 2 short chains)
 # warn with a SamplerWarning, which says nothing about the scikit-learn interface under test
 quiet_sampler = pytest.mark.filterwarnings("ignore::pcbtl.inference.SamplerWarning")
 
@@ -124,7 +125,8 @@ PIPELINE_OPT_IN = ("target-only", "pretrained-gaussian", "multitask-bnn", "laten
     [pytest.param(n, marks=pytest.mark.slow) if n in PIPELINE_OPT_IN else n for n in ESTIMATORS],
 )
 def test_pipeline_fit_predict_score_and_pickle(name, source, task):
-    X, y, Xt = task.X_target, task.y_target, task.X_test[:50]
+    X, y = task.X_target[:TINY_ROWS], task.y_target[:TINY_ROWS]
+    Xt = task.X_test[:TINY_TEST]
     pipe = Pipeline([("scale", FunctionTransformer()), ("m", _build(name, source))])
     assert pipe.fit(X, y) is pipe
     est = pipe.named_steps["m"]
@@ -132,7 +134,8 @@ def test_pipeline_fit_predict_score_and_pickle(name, source, task):
     assert est.n_features_in_ == 3 and not hasattr(est, "feature_names_in_")
     mu, sd = pipe.predict(Xt, return_std=True)
     assert mu.shape == sd.shape == (50,) and np.all(np.isfinite(mu)) and np.all(sd > 0)
-    assert pipe.score(Xt, task.y_test[:50]) == pytest.approx(r2_score(task.y_test[:50], mu))
+    yt = task.y_test[:TINY_TEST]
+    assert pipe.score(Xt, yt) == pytest.approx(r2_score(yt, mu))
     # a fitted estimator survives pickling (its compiled functions are rebuilt on load), alone
     # and inside the pipeline, with the same predictions to the last bit
     again = pickle.loads(pickle.dumps(est))
@@ -155,9 +158,9 @@ def test_pipeline_fit_predict_score_and_pickle(name, source, task):
 @quiet_sampler
 def test_dataframe_feature_names(source, task):
     cols = ["a", "b", "c"]
-    X = pd.DataFrame(task.X_target, columns=cols)
+    X = pd.DataFrame(task.X_target[:TINY_ROWS], columns=cols)
     est = pcbtl.make_method("pc-last-layer", source, **OPTIONS["pc-last-layer"]).fit(
-        X, task.y_target
+        X, task.y_target[:TINY_ROWS]
     )
     assert list(est.feature_names_in_) == cols and est.n_features_in_ == 3
     Xt = pd.DataFrame(task.X_test[:20], columns=cols)
@@ -168,7 +171,7 @@ def test_dataframe_feature_names(source, task):
     with pytest.warns(UserWarning, match="does not have valid feature names"):
         est.predict(task.X_test[:20])
     # a refit on an array forgets the names
-    est.fit(task.X_target, task.y_target)
+    est.fit(task.X_target[:TINY_ROWS], task.y_target[:TINY_ROWS])
     assert not hasattr(est, "feature_names_in_")
 
 
@@ -192,7 +195,7 @@ def test_hurdle_is_an_estimator_and_pickles(source, task):
     reg = pcbtl.PCTransferRegressor(source, **PC)
     hurdle = pcbtl.HurdleRegressor(reg, calibration=None)
     assert is_regressor(hurdle)
-    assert clone(hurdle).get_params()["regressor__num_samples"] == 30
+    assert clone(hurdle).get_params()["regressor__num_samples"] == NUTS["num_samples"]
     with pytest.raises(NotFittedError):
         hurdle.predict(task.X_test[:5])
     X = task.X_target
