@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 
 from pcbtl.cli import main
 from pcbtl.inference import idata_group, idata_groups
@@ -39,3 +40,13 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
     # the PC prior must beat the biased source on the shifted synthetic target
     lines = {line[:24].strip(): line[24:].split() for line in out.splitlines() if line[:24].strip()}
     assert float(lines["PC prior (scale)"][0]) < float(lines["source-only"][0])
+
+
+def test_demo_refuses_a_budget_too_small_to_judge(tmp_path):
+    from pcbtl.jobs.demo import run_demo
+
+    with pytest.raises(ValueError, match="draws must be at least 10"):
+        run_demo(tmp_path / "a", draws=5)
+    with pytest.raises(ValueError, match="chains must be at least 1"):
+        run_demo(tmp_path / "b", chains=0)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
