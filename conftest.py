@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent
+
 _JAX_CACHE = {
-    "JAX_COMPILATION_CACHE_DIR": str(Path(__file__).resolve().parent / ".jax_cache"),
+    "JAX_COMPILATION_CACHE_DIR": str(ROOT / ".jax_cache"),
     # every program: the suite's many small ones are compiled again in each module (the
     # per-module cache clearing) and each process; 0 rather than 0.3 s took three interface
     # test files from 230 to 202 s on 2 workers
@@ -34,9 +36,7 @@ _JAX_CACHE = {
 for _name, _value in _JAX_CACHE.items():
     os.environ.setdefault(_name, _value)
 
-SHARED = Path(
-    os.environ.get("PCBTL_SHARED_DATA", Path(__file__).resolve().parent.parent / "shared" / "data")
-)
+SHARED = Path(os.environ.get("PCBTL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 NEEDS = {
     "notebooks/03_bandgap_transfer.ipynb": ("bandgap/matbench_expt_gap.csv",),
     "notebooks/04_classification_transfer.ipynb": (
