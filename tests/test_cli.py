@@ -45,8 +45,8 @@ def test_demo_writes_its_outputs(tmp_path, capsys):
 def test_demo_refuses_a_budget_too_small_to_judge(tmp_path):
     from pcbtl.jobs.demo import run_demo
 
-    with pytest.raises(ValueError, match="draws must be at least 10"):
+    with pytest.raises(ValueError, match="draws must be an >= 10 integer, got 5"):
         run_demo(tmp_path / "a", draws=5)
-    with pytest.raises(ValueError, match="chains must be at least 1"):
+    with pytest.raises(ValueError, match="chains must be a positive integer, got 0"):
         run_demo(tmp_path / "b", chains=0)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written

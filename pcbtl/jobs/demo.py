@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pcbtl._validation import check_integer
 from pcbtl.estimators.baselines import BayesianNetworkRegressor
 from pcbtl.estimators.pc import PCTransferRegressor
 from pcbtl.evaluation import interval_scores
@@ -43,10 +44,9 @@ def run_demo(
     ``chains`` chains of ``draws`` warm-up and ``draws`` kept iterations (500, or 200 with
     ``quick``, where ``draws`` is not given).
     """
-    if draws is not None and draws < 10:
-        raise ValueError(f"draws must be at least 10, got {draws}")
-    if chains < 1:
-        raise ValueError(f"chains must be at least 1, got {chains}")
+    if draws is not None:
+        draws = check_integer(draws, "draws", minimum=10)
+    chains = check_integer(chains, "chains", minimum=1)
     import matplotlib
 
     matplotlib.use("Agg")
