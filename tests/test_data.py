@@ -26,6 +26,7 @@ from pcbtl.materials.data import (
     MATBENCH_EXPT_GAP,
     MATBENCH_MP_GAP,
     DownloadError,
+    find_local_table,
     from_ase_db,
     load_matbench_expt_gap,
     load_matbench_mp_gap,
@@ -379,6 +380,29 @@ def test_bad_local_files(tmp_path: Path) -> None:
     q.write_text("formula,target\nNaCl,1\n")
     with pytest.raises(ValueError, match="structures"):
         load_matbench_mp_gap(path=q, with_structures=True)
+
+
+def test_find_local_table_order_and_error(tmp_path: Path) -> None:
+    """The folder itself before its bandgap/ and metallicity/ folders, CSV before JSON; a
+    missing table names the folder."""
+    (tmp_path / "bandgap").mkdir()
+    (tmp_path / "metallicity").mkdir()
+    nested = tmp_path / "metallicity" / "matbench_expt_is_metal.csv"
+    nested.write_text("formula,target\nCu,1\n")
+    assert find_local_table(tmp_path, "matbench_expt_is_metal") == nested
+    gz = tmp_path / "bandgap" / "matbench_expt_is_metal.json.gz"
+    gz.write_bytes(b"")
+    assert find_local_table(tmp_path, "matbench_expt_is_metal") == gz
+    top_json = tmp_path / "matbench_expt_is_metal.json"
+    top_json.write_text("{}")
+    assert find_local_table(tmp_path, "matbench_expt_is_metal") == top_json
+    top_csv = tmp_path / "matbench_expt_is_metal.csv"
+    top_csv.write_text("formula,target\nCu,1\n")
+    assert find_local_table(tmp_path, "matbench_expt_is_metal") == top_csv
+    with pytest.raises(
+        FileNotFoundError, match=r"no matbench_mp_gap\.csv.*in " + re.escape(str(tmp_path))
+    ):
+        find_local_table(tmp_path, "matbench_mp_gap")
 
 
 _JSON_HEAD = '{"columns": ["composition", "gap expt"], "data": '

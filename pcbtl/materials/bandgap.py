@@ -56,7 +56,11 @@ from pcbtl.estimators.hurdle import HurdleRegressor
 from pcbtl.estimators.pc import PCTransferRegressor
 from pcbtl.estimators.registry import METHODS, make_method, method_options
 from pcbtl.evaluation import interval_scores
-from pcbtl.materials.data import load_matbench_expt_gap, load_matbench_mp_gap
+from pcbtl.materials.data import (
+    find_local_table,
+    load_matbench_expt_gap,
+    load_matbench_mp_gap,
+)
 from pcbtl.materials.features import CompositionFeaturizer
 from pcbtl.materials.metallicity import MetallicityConfig, available_methods, method_factories
 from pcbtl.networks import train_source
@@ -135,27 +139,23 @@ class BandGapConfig:
         )
 
 
-def load_bandgap_tables(data_dir: str | Path | None = None, cache_dir: str | Path | None = None):
+def load_bandgap_tables(
+    data_dir: str | Path | None = None, cache_dir: str | Path | None = None
+) -> tuple[Any, Any]:
     """``(expt, mp)`` :class:`pcbtl.materials.data.BandGapData` tables.
 
-    With ``data_dir``, files named ``matbench_expt_gap.{csv,json,json.gz}`` and
-    ``matbench_mp_gap.{…}`` are read from it; otherwise the official Matbench files are
-    downloaded into ``cache_dir`` (checksummed) on first use.
+    With ``data_dir``, ``matbench_expt_gap.{csv,json.gz,json}`` and ``matbench_mp_gap.{…}``
+    are read from it or from its ``bandgap/`` folder
+    (:func:`pcbtl.materials.data.find_local_table`); otherwise the official Matbench files
+    are downloaded into ``cache_dir`` (checksummed) on first use.
     """
-
-    def local(name: str) -> Path | None:
-        if data_dir is None:
-            return None
-        for ext in (".csv", ".json.gz", ".json"):
-            p = Path(data_dir) / f"{name}{ext}"
-            if p.is_file():
-                return p
-        raise FileNotFoundError(
-            f"no {name}.csv/.json.gz/.json in {data_dir}; pass another --data-dir or none to download"
-        )
-
-    expt = load_matbench_expt_gap(path=local("matbench_expt_gap"), cache_dir=cache_dir)
-    mp = load_matbench_mp_gap(path=local("matbench_mp_gap"), cache_dir=cache_dir)
+    d = None if data_dir is None else Path(data_dir)
+    expt = load_matbench_expt_gap(
+        path=None if d is None else find_local_table(d, "matbench_expt_gap"), cache_dir=cache_dir
+    )
+    mp = load_matbench_mp_gap(
+        path=None if d is None else find_local_table(d, "matbench_mp_gap"), cache_dir=cache_dir
+    )
     return expt, mp
 
 
@@ -543,7 +543,9 @@ def add_bandgap_command(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="small CI-sized run (one fold)")
     p.add_argument(
-        "--data-dir", default=None, help="folder with the Matbench files (else download)"
+        "--data-dir",
+        default=None,
+        help="folder with the Matbench files, or with bandgap/ (else download)",
     )
     p.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/pcbtl)")
     p.add_argument("--methods", default=None, help="comma-separated method names")

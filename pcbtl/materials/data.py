@@ -111,6 +111,7 @@ __all__ = [
     "DuplicateRowsWarning",
     "default_cache_dir",
     "fetch_file",
+    "find_local_table",
     "from_ase_db",
     "load_matbench_expt_gap",
     "load_matbench_expt_is_metal",
@@ -753,6 +754,23 @@ def _load(
         name=info.name,
         duplicates=duplicates,
         max_bytes=max_bytes,
+    )
+
+
+def find_local_table(data_dir: str | Path, name: str) -> Path:
+    """The local copy of Matbench task ``name`` in ``data_dir``:
+    ``{name}.csv``, ``{name}.json.gz`` or ``{name}.json`` (first found), looked for in
+    ``data_dir`` itself and then in its ``bandgap/`` and ``metallicity/`` folders (the layout
+    of the shared data). ``FileNotFoundError`` naming the folder when there is none."""
+    root = Path(data_dir)
+    for folder in (root, root / "bandgap", root / "metallicity"):
+        for ext in (".csv", ".json.gz", ".json"):
+            path = folder / f"{name}{ext}"
+            if path.is_file():
+                return path
+    raise FileNotFoundError(
+        f"no {name}.csv/.json.gz/.json in {root} (or its bandgap/ and metallicity/ folders); "
+        "pass another data folder, or none to download the official file"
     )
 
 

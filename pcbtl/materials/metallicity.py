@@ -68,7 +68,11 @@ from pcbtl.evaluation.classification import (
     expected_calibration_error,
     reliability_diagram,
 )
-from pcbtl.materials.data import load_matbench_expt_is_metal, load_matbench_mp_gap
+from pcbtl.materials.data import (
+    find_local_table,
+    load_matbench_expt_is_metal,
+    load_matbench_mp_gap,
+)
 from pcbtl.materials.features import CompositionFeaturizer
 
 __all__ = [
@@ -338,35 +342,24 @@ def method_factories(
     return out
 
 
-def _find(data_dir: Path, name: str) -> Path:
-    for folder in (data_dir, data_dir / "metallicity", data_dir / "bandgap"):
-        for ext in (".csv", ".json.gz", ".json"):
-            p = folder / f"{name}{ext}"
-            if p.is_file():
-                return p
-    raise FileNotFoundError(
-        f"no {name}.csv/.json.gz/.json in {data_dir} (or its metallicity/ and bandgap/ "
-        "folders); pass another --data-dir or none to download"
-    )
-
-
 def load_metallicity_tables(
     data_dir: str | Path | None = None, cache_dir: str | Path | None = None
 ) -> tuple[Any, Any]:
     """``(expt_is_metal, mp_gap)`` :class:`pcbtl.materials.data.BandGapData` tables.
 
     With ``data_dir``, ``matbench_expt_is_metal.{csv,json.gz,json}`` and
-    ``matbench_mp_gap.{…}`` are looked for in it and in its ``metallicity/`` and
-    ``bandgap/`` folders (the layout of the shared data); otherwise the official Matbench
+    ``matbench_mp_gap.{…}`` are looked for in it and in its ``bandgap/`` and
+    ``metallicity/`` folders (:func:`pcbtl.materials.data.find_local_table`); otherwise the official Matbench
     files are downloaded into ``cache_dir`` (checksummed) on first use.
     """
 
     d = None if data_dir is None else Path(data_dir)
     expt = load_matbench_expt_is_metal(
-        path=None if d is None else _find(d, "matbench_expt_is_metal"), cache_dir=cache_dir
+        path=None if d is None else find_local_table(d, "matbench_expt_is_metal"),
+        cache_dir=cache_dir,
     )
     mp = load_matbench_mp_gap(
-        path=None if d is None else _find(d, "matbench_mp_gap"), cache_dir=cache_dir
+        path=None if d is None else find_local_table(d, "matbench_mp_gap"), cache_dir=cache_dir
     )
     return expt, mp
 
