@@ -206,6 +206,9 @@ def test_shift_kl_is_accurate_in_float32_for_tiny_and_large_logit_changes():
         ref = _kl_series(lq64, d64) if scale <= 1e-3 else _np_kl(lq64 + d64, lq64)
         got = np.asarray(cp.shift_kl(jnp.asarray(lq32), jnp.asarray(d32)), np.float64)
         assert np.max(np.abs(got / ref - 1)) < 1e-4, scale
+        # classes first (the layout of the head prior's rays): the same numbers
+        got_t = np.asarray(cp.shift_kl(jnp.asarray(lq32.T), jnp.asarray(d32.T), axis=0))
+        assert np.max(np.abs(got_t / ref - 1)) < 1e-4, scale
 
 
 # --------------------------------------------------------------------------------------------

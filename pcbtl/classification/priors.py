@@ -119,9 +119,10 @@ def _expm1_minus_x(x: jax.Array) -> jax.Array:
     return jnp.where(small, xs * xs * poly, jnp.expm1(x) - x)
 
 
-@jax.jit
-def shift_kl(log_q: ArrayLike, delta: ArrayLike) -> jax.Array:
-    r"""``KL(Cat(softmax(log q + Δ)) ‖ Cat(q))`` over the last axis, accurate for small ``Δ``.
+@partial(jax.jit, static_argnames="axis")
+def shift_kl(log_q: ArrayLike, delta: ArrayLike, axis: int = -1) -> jax.Array:
+    r"""``KL(Cat(softmax(log q + Δ)) ‖ Cat(q))`` over the class axis ``axis`` (default the
+    last), accurate for small ``Δ``.
 
     With ``q`` = ``exp(log_q)`` the base probabilities, ``Δ`` = ``delta`` the change of the
     logits, ``w = Δ − Σ_k q_k Δ_k`` (the KL is unchanged by adding a constant to ``Δ``),
@@ -142,15 +143,15 @@ def shift_kl(log_q: ArrayLike, delta: ArrayLike) -> jax.Array:
     log_q = jnp.asarray(log_q)
     delta = jnp.asarray(delta)
     q = jnp.exp(log_q)
-    w = delta - jnp.sum(q * delta, axis=-1, keepdims=True)
-    big = jnp.max(jnp.abs(w), axis=-1) > 30.0
-    ws = jnp.where(big[..., None], 0.0, w)
-    s = jnp.sum(q * _expm1_minus_x(ws), axis=-1)
-    first = jnp.sum(q * ws * jnp.expm1(ws), axis=-1)
+    w = delta - jnp.sum(q * delta, axis=axis, keepdims=True)
+    big = jnp.max(jnp.abs(w), axis=axis, keepdims=True) > 30.0
+    ws = jnp.where(big, 0.0, w)
+    s = jnp.sum(q * _expm1_minus_x(ws), axis=axis)
+    first = jnp.sum(q * ws * jnp.expm1(ws), axis=axis)
     stable = first / (1.0 + s) - jnp.log1p(s)
-    log_p = jax.nn.log_softmax(log_q + jnp.where(big[..., None], delta, 0.0), axis=-1)
-    direct = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    return jnp.maximum(jnp.where(big, direct, stable), 0.0)
+    log_p = jax.nn.log_softmax(log_q + jnp.where(big, delta, 0.0), axis=axis)
+    direct = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis)
+    return jnp.maximum(jnp.where(jnp.squeeze(big, axis), direct, stable), 0.0)
 
 
 def _full(out: jax.Array) -> jax.Array:
@@ -300,12 +301,14 @@ def ray_direction(z: ArrayLike, chol: ArrayLike, contrasts: ArrayLike) -> jax.Ar
 
 
 def _ray_parts(V, Phi_ref, logits_ref):
-    """Change of all class logits per unit length ``a`` ``(m, K)`` and ``log q`` ``(m, K)``."""
-    return _full(Phi_ref @ V), jax.nn.log_softmax(_full(logits_ref), axis=-1)
+    """Change of all class logits per unit length ``a`` and ``log q``, both ``(K, m)``: classes
+    first, so that the sums over the classes run across whole rows of ``m`` numbers (on a CPU,
+    XLA sums over a trailing axis of 3 classes about 3× slower than this)."""
+    return _full(Phi_ref @ V).T, jax.nn.log_softmax(_full(logits_ref), axis=-1).T
 
 
 def _distance_along(t, a, log_q):
-    kl = jnp.mean(shift_kl(log_q, t * a))
+    kl = jnp.mean(shift_kl(log_q, t * a, axis=0))
     two_kl = 2.0 * kl
     safe = jnp.where(two_kl > 0, two_kl, 1.0)
     return jnp.where(two_kl > 0, jnp.sqrt(safe), 0.0)
@@ -346,9 +349,9 @@ def ray_limit(V: ArrayLike, Phi_ref: ArrayLike, logits_ref: ArrayLike) -> jax.Ar
     family, ``A(η_S) − A(η_T) − (η_S − η_T)ᵀ∇A(η_T)``, differentiated along ``η_T = η_S + ta``).
     """
     a, log_q = _ray_parts(jnp.asarray(V), jnp.asarray(Phi_ref), jnp.asarray(logits_ref))
-    k = jnp.argmax(a, axis=-1)
-    moves = (jnp.max(a, axis=-1) - jnp.min(a, axis=-1)) > 0
-    lim = jnp.where(moves, -jnp.take_along_axis(log_q, k[:, None], axis=-1)[:, 0], 0.0)
+    k = jnp.argmax(a, axis=0)
+    moves = (jnp.max(a, axis=0) - jnp.min(a, axis=0)) > 0
+    lim = jnp.where(moves, -jnp.take_along_axis(log_q, k[None, :], axis=0)[0], 0.0)
     return jax.lax.stop_gradient(jnp.sqrt(2.0 * jnp.mean(lim)))
 
 
@@ -520,15 +523,19 @@ def ray_slope(t: ArrayLike, V: ArrayLike, Phi_ref: ArrayLike, logits_ref: ArrayL
 
 def _over_t(fn, t):
     """``fn`` (of a scalar length) over every element of ``t`` (vmapped; the ray's ``a`` and
-    ``log q`` are computed once by the caller)."""
+    ``log q`` are computed once by the caller). A scalar ``t``, the sampler's case, is passed
+    straight to ``fn``: a ``vmap`` over one element made the gradient of the head prior's log
+    density 4× slower on a CPU (three classes, 2,000 reference rows: 0.99 against 0.26 ms)."""
     t = jnp.asarray(t)
+    if t.ndim == 0:
+        return fn(t)
     return jax.vmap(fn)(t.reshape(-1)).reshape(t.shape)
 
 
 def _mean_var(t, a, log_q):
-    p = jax.nn.softmax(log_q + t * a, axis=-1)
-    mean = jnp.sum(p * a, axis=-1, keepdims=True)
-    return jnp.mean(jnp.sum(p * (a - mean) ** 2, axis=-1))
+    p = jax.nn.softmax(log_q + t * a, axis=0)
+    mean = jnp.sum(p * a, axis=0, keepdims=True)
+    return jnp.mean(jnp.sum(p * (a - mean) ** 2, axis=0))
 
 
 #: below this length ``d(t)/t`` is replaced by its limit ``sqrt(mean Var_{p_S}(a))`` (the KL,
