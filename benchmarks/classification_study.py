@@ -3,7 +3,8 @@
 Full grid (``pcbtl.jobs.study.CLASSIFICATION``): two and three classes, each
 δ ∈ {0, 1, 2 logit units, unrelated} × n_T ∈ {25, 50, 100, 250, 500}, 20 replicates,
 n_S = 5,000 source rows, 2,000 test rows, d = 10 inputs, every method of
-``pcbtl.methods("classification")`` (14); source network (16, 16), learner networks (16,),
+``pcbtl.jobs.study.CLASSIFICATION_STUDY_METHODS`` (14: the registry's classification methods
+when the grid was started; the later boosted-tree ones are not in it); source network (16, 16), learner networks (16,),
 NUTS 4 chains of 150 + 150 draws (tree depth ≤ 7 for the networks), forests of 100 trees.
 Scores: log loss, Brier, accuracy, ECE, and the same for the true probabilities.
 

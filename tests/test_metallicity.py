@@ -150,13 +150,16 @@ def test_builtin_options_reach_the_estimators():
     assert last.progress_bar is False
     forest = facts["forest"]()
     assert forest.estimator.n_estimators == config.forest_trees
+    # the table is sorted by formula: the calibration folds must be shuffled
+    assert forest.cv.shuffle and forest.cv.n_splits == 3
 
 
 def test_every_registry_method_gets_the_run_budget_and_the_source_rows():
     """The baselines are fitted with the run's settings, not their constructors' defaults:
     the Bayesian last layer with the run's sampler, the fresh networks with ``network_*``,
     the pretrained Gaussian prior on the layers and budget of pc-scale-deep, the forests with
-    ``forest_trees``; the multi-task methods get the labelled source rows."""
+    ``forest_trees``, the boosted trees with ``boosting_*``; the multi-task methods get the
+    labelled source rows."""
     names = (
         "target-only",
         "latent-bnn",
@@ -165,11 +168,15 @@ def test_every_registry_method_gets_the_run_budget_and_the_source_rows():
         "pretrained-gaussian",
         "latent-rf",
         "multitask-rf",
+        "latent-gbt",
+        "boosting",
         "fine-tuning",
         "source-only",
     )
     config = MetallicityConfig(
         methods=names,
+        boosting_iterations=19,
+        boosting_cv=4,
         num_warmup=7,
         num_samples=9,
         num_chains=3,
@@ -192,6 +199,8 @@ def test_every_registry_method_gets_the_run_budget_and_the_source_rows():
     assert pre.transfer_layers == config.deep_layers
     for m in ("latent-rf", "multitask-rf"):
         assert est[m].n_estimators == 13, m
+    for m in ("latent-gbt", "boosting"):
+        assert (est[m].base, est[m].n_estimators, est[m].cv) == ("gbt", 19, 4), m
     for m in ("multitask-bnn", "multitask-rf"):
         assert est[m].source_X is Xs and est[m].source_y is ys and est[m].max_source_rows == 17
     assert "source_X" not in est["latent-bnn"].get_params()

