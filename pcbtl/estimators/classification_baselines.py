@@ -287,8 +287,9 @@ class _ForestLearner(ClassifierMixin, BaseEstimator):
     difference learner: a regression ensemble ``c`` on ``Z[:, :-K]`` fitted to
     ``onehot(y) − p_S``, where the last ``K`` columns of ``Z`` hold ``p_S(x)``, predicting
     ``p_S + c`` clipped at :data:`PROBABILITY_FLOOR` and renormalised (boosting: one regressor
-    per class). ``decision_function`` is the log-odds of class 1 (two classes) or the
-    log-probabilities, clipped, the input of Platt scaling."""
+    per class). ``decision_function``, the input of Platt scaling, is the log-odds of class 1
+    (two classes) or the log-probabilities, clipped at the floor; for boosted classifiers the
+    booster's own unclipped scores."""
 
     def __init__(
         self,
@@ -357,6 +358,11 @@ class _ForestLearner(ClassifierMixin, BaseEstimator):
         return p / p.sum(axis=1, keepdims=True)
 
     def decision_function(self, Z: np.ndarray) -> np.ndarray:
+        if self.kind == "gbt" and not int(self.n_offset):
+            # the booster's own log-odds (class scores for K ≥ 3): never exactly ±∞, so
+            # nothing to clip; clipping its probabilities at 1e-3 would flatten the many
+            # rows that 500 iterations put beyond 0.999 before the Platt map sees them
+            return self.forest_.decision_function(Z)
         logp = np.log(np.maximum(self.predict_proba(Z), PROBABILITY_FLOOR))
         return logp[:, 1] - logp[:, 0] if logp.shape[1] == 2 else logp
 
