@@ -23,6 +23,7 @@ from pcbtl.evaluation import METRICS
 from pcbtl.jobs.study import (
     CLASSIFICATION,
     CLASSIFICATION_METRICS,
+    CLASSIFICATION_STUDY_METHODS,
     ORACLE_COLUMNS,
     QUICK_CLASSIFICATION,
     StudyConfig,
@@ -129,8 +130,11 @@ def test_task_seeds_are_reproducible_and_arguments_checked():
 
 def test_config_defaults_and_validation():
     assert CLASSIFICATION.task == "classification" and CLASSIFICATION.n_classes == 2
-    assert CLASSIFICATION.methods == tuple(methods("classification"))
+    # the grid keeps the 14 methods it started with; methods registered since are not in it
+    assert CLASSIFICATION.methods == CLASSIFICATION_STUDY_METHODS
     assert len(CLASSIFICATION.methods) == 14
+    assert set(CLASSIFICATION.methods) < set(methods("classification"))
+    assert StudyConfig(task="classification").methods == tuple(methods("classification"))
     assert set(CLASSIFICATION.n_targets) == {25, 50, 100, 250, 500}
     assert replace(CLASSIFICATION, n_classes=3).n_classes == 3
     assert StudyConfig().methods == tuple(methods()) and StudyConfig().n_classes is None

@@ -35,6 +35,12 @@ whose source is a point network) return ``N(μ(x), s(x)²)`` and the central int
 ``μ ± z_{(1+level)/2} s``. Posterior-draw methods subclass :class:`pcbtl.estimators.base.PosteriorRegressor`
 and give the exact quantiles of their Gaussian mixture.
 
+Classification (:data:`CLASSIFICATION_METHODS`, chosen when the source is a
+:class:`pcbtl.SourceClassifier`): the same names where the model is the same idea, the PC
+classifiers, ``forest`` and ``boosting`` (calibrated random forest and boosted trees on the target
+alone), and the three architectures with a third base learner, ``gbt`` (boosted trees); see
+:mod:`pcbtl.estimators.classification_baselines`.
+
 The PC estimators are in :mod:`pcbtl.estimators.pc`, the baselines in
 :mod:`pcbtl.estimators.baselines`, the architectures in :mod:`pcbtl.estimators.architectures`.
 :func:`fit_replicates` fits many estimators of one method on many data sets, as one vmapped
