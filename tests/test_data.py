@@ -399,6 +399,7 @@ def test_find_local_table_order_and_error(tmp_path: Path) -> None:
     top_csv = tmp_path / "matbench_expt_is_metal.csv"
     top_csv.write_text("formula,target\nCu,1\n")
     assert find_local_table(tmp_path, "matbench_expt_is_metal") == top_csv
+    assert find_local_table(None, "matbench_mp_gap") is None  # no folder: the loaders download
     with pytest.raises(
         FileNotFoundError, match=r"no matbench_mp_gap\.csv.*in " + re.escape(str(tmp_path))
     ):

@@ -1220,9 +1220,9 @@ class TargetOnlyClassifier(_ArchitectureClassifier):
 
     a fresh network with ``hidden`` layers and one output (two classes) or ``K``, inputs
     standardised by the target's mean ``m`` and sd ``v``. ``"rf"`` / ``"gbt"``: scikit-learn's
-    random forest / boosted trees on ``x``, calibrated (see the module). The source is not used: it may be ``None`` (when
-    given, ``X`` must have its number of features), and ``y`` may hold any number ``K ≥ 2`` of
-    classes.
+    random forest / boosted trees on ``x``, calibrated (see the module). The source is not
+    used: it may be ``None`` (when given, ``X`` must have its number of features), and ``y``
+    may hold any number ``K ≥ 2`` of classes.
 
     {parameters}
 

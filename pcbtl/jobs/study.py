@@ -249,11 +249,8 @@ QUICK = StudyConfig(
 )
 
 
-#: The classification grid: δ ∈ {0, 1, 2} logit units and unrelated, n_T from 25 to 500,
-#: 20 replicates, every classification method (``replace(CLASSIFICATION, n_classes=3)`` for
-#: three classes).
-#: the classification methods of the full grid: the registry's when the grid was started
-#: (2026-12-02); the boosted-tree methods (``boosting``, ``*-gbt``) came later and are not in it
+#: The classification methods of the full grid: the registry's when the grid was started
+#: (2026-12-02); the boosted-tree methods (``boosting``, ``*-gbt``) came later and are not in it.
 CLASSIFICATION_STUDY_METHODS = (
     "source-only",
     "target-only",
@@ -270,6 +267,9 @@ CLASSIFICATION_STUDY_METHODS = (
     "latent-bnn",
     "latent-rf",
 )
+#: The classification grid: δ ∈ {0, 1, 2} logit units and unrelated, n_T from 25 to 500,
+#: 20 replicates, the methods of :data:`CLASSIFICATION_STUDY_METHODS`
+#: (``replace(CLASSIFICATION, n_classes=3)`` for three classes).
 CLASSIFICATION = StudyConfig(
     task="classification",
     deltas=(0.0, 1.0, 2.0, "unrelated"),

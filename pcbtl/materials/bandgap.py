@@ -149,12 +149,11 @@ def load_bandgap_tables(
     (:func:`pcbtl.materials.data.find_local_table`); otherwise the official Matbench files
     are downloaded into ``cache_dir`` (checksummed) on first use.
     """
-    d = None if data_dir is None else Path(data_dir)
     expt = load_matbench_expt_gap(
-        path=None if d is None else find_local_table(d, "matbench_expt_gap"), cache_dir=cache_dir
+        path=find_local_table(data_dir, "matbench_expt_gap"), cache_dir=cache_dir
     )
     mp = load_matbench_mp_gap(
-        path=None if d is None else find_local_table(d, "matbench_mp_gap"), cache_dir=cache_dir
+        path=find_local_table(data_dir, "matbench_mp_gap"), cache_dir=cache_dir
     )
     return expt, mp
 

@@ -757,11 +757,14 @@ def _load(
     )
 
 
-def find_local_table(data_dir: str | Path, name: str) -> Path:
+def find_local_table(data_dir: str | Path | None, name: str) -> Path | None:
     """The local copy of Matbench task ``name`` in ``data_dir``:
     ``{name}.csv``, ``{name}.json.gz`` or ``{name}.json`` (first found), looked for in
     ``data_dir`` itself and then in its ``bandgap/`` and ``metallicity/`` folders (the layout
-    of the shared data). ``FileNotFoundError`` naming the folder when there is none."""
+    of the shared data). ``None`` for ``data_dir=None`` (no local copy: the loaders download);
+    ``FileNotFoundError`` naming the folder when it holds none."""
+    if data_dir is None:
+        return None
     root = Path(data_dir)
     for folder in (root, root / "bandgap", root / "metallicity"):
         for ext in (".csv", ".json.gz", ".json"):
