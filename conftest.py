@@ -15,6 +15,8 @@ JAX, so the workers and the subprocesses they start read them too. The cache is 
 program, the JAX version and the compiler flags, so a stale entry cannot be served; it changes
 timings, not results. It is not size-capped (JAX's cap needs the ``filelock`` package): delete the
 folder to reclaim its space.
+
+Each xdist worker is pinned to its own share of the cores (below).
 """
 
 from __future__ import annotations
@@ -35,6 +37,17 @@ _JAX_CACHE = {
 }
 for _name, _value in _JAX_CACHE.items():
     os.environ.setdefault(_name, _value)
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and hasattr(os, "sched_setaffinity"):
+    # One xdist worker per share of the cores, set before JAX starts its thread pools (they,
+    # and the notebook kernels and CLI subprocesses, inherit the affinity). Left to itself every
+    # worker's XLA spreads over all cores: on 2 cores the 2-worker suite then spent twice the CPU
+    # time of a serial run for the same wall time.
+    _cpus = sorted(os.sched_getaffinity(0))
+    if len(_cpus) >= _WORKERS:
+        _worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+        os.sched_setaffinity(0, _cpus[_worker::_WORKERS])
 
 SHARED = Path(os.environ.get("PCBTL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 NEEDS = {

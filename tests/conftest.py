@@ -2,18 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-if hasattr(os, "sched_setaffinity") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    # One xdist worker per core share, set before jax starts its thread pools (they inherit the
-    # affinity). Left to itself every worker's XLA spreads over all cores: on 2 cores the
-    # 2-worker suite then spent twice the CPU time of a serial run for the same wall time.
-    _cpus = sorted(os.sched_getaffinity(0))
-    _n = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    _i = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
-    if len(_cpus) >= _n:
-        os.sched_setaffinity(0, _cpus[_i::_n])
-
 import numpy as np
 import pytest
 
