@@ -20,6 +20,7 @@ from pcbtl.jobs.study import (
     StudyConfig,
     grid_markdown,
     headline_markdown,
+    health_markdown,
     paired_differences,
     read_csv,
     replicate_seed,
@@ -81,6 +82,34 @@ def test_grid_table_marks_the_best_rmse_per_column():
     # means over replicates; the column minimum in bold; a method missing from a column: "—"
     assert "| pc-scale | **0.205** (0.95) | — |" in text
     assert "| target-only | 0.300 (0.90) | **0.400** (0.93) |" in text
+
+
+def test_health_table_counts_disagreeing_fits_and_names_the_worst_setting():
+    def row(method, delta, r, pred, par=float("nan"), div=0, stuck=0.0, ess=200.0):
+        return dict(covariate_shift=0.0, delta=delta, n_target=50, replicate=r, method=method,
+                    divergences=div, prediction_max_rhat=pred, max_rhat=par,
+                    stuck_chains=stuck, min_bulk_ess=ess)  # fmt: skip
+
+    rows = [row("pc-scale", "0", r, 1.01, par=1.02) for r in range(4)]
+    rows += [row("pc-scale", "unrelated", 0, 1.50, par=1.30, ess=7.0)]
+    rows += [row("pc-scale", "unrelated", 1, 1.12, par=1.05, div=3, stuck=1.0)]
+    rows += [row("pc-scale", "unrelated", r, 1.02, par=1.01) for r in (2, 3)]
+    rows += [row("target-only", d, r, 1.03) for d in ("0", "unrelated") for r in range(4)]
+    rows += [row("forest", "0", r, float("nan"), ess=float("nan")) for r in range(4)]
+    text = health_markdown(rows)
+    # 2 of 8 pc-scale fits disagree on a prediction (1.50, 1.12 > 1.1), 1 on a parameter
+    # (1.30), 1 diverged, 1 had a stuck chain; both in the unrelated setting (2 of its 4 fits)
+    assert "| pc-scale | 1/8 | 2/8 | 1/8 | 1/8 | 200 | δ = unrelated, n_T = 50: 2/4 |" in text
+    # networks: no parameter R-hat (—), nothing flagged (—); forests: no line at all
+    assert "| target-only | 0/8 | 0/8 | — | 0/8 | 200 | — |" in text
+    assert "| forest |" not in text
+    assert health_markdown(rows[-4:]) == ""
+    # the summary carries the section where the rows have sampler figures, and only there
+    bare = _rows({"pc-scale": [0.3, 0.31]})
+    health = {"prediction_max_rhat": 1.2, "max_rhat": 1.0, "stuck_chains": 0, "min_bulk_ess": 9}
+    assert "## Sampler health" not in summary_markdown(bare, env=_ENV)
+    text = summary_markdown([{**r, **health} for r in bare], env=_ENV)
+    assert "## Sampler health" in text and "| pc-scale | 0/2 | 2/2 | 0/2 | 0/2 | 9 |" in text
 
 
 def _rows(rmse_by_method, delta="1", n_target=50):

@@ -64,7 +64,7 @@ import numpy as np
 
 from pcbtl._files import atomic_write_text
 from pcbtl.classification import train_source_classifier
-from pcbtl.estimators.base import sampler_health
+from pcbtl.estimators.base import HEALTH_COLUMNS, sampler_health
 from pcbtl.estimators.registry import (
     REGISTRIES,
     fit_all,
@@ -560,6 +560,9 @@ def read_csv(path: str | Path) -> list[dict[str, Any]]:
                 row[k] = float(row[k])
             for k in ("n_target", "replicate", "seed", "divergences"):
                 row[k] = int(row[k])
+            for k in HEALTH_COLUMNS:  # absent from studies written before they were recorded
+                if k in row:
+                    row[k] = _number(row[k])
             row["batched"] = row["batched"] == "True"
             out.append(row)
     return out
@@ -773,6 +776,9 @@ def summary_markdown(
     if seconds is not None:
         lines.append(f"Total run time {seconds / 60:.1f} min (over every resumed invocation).")
     lines += ["", "## Over all settings", "", _headline_markdown(summ, paired, task).rstrip("\n")]
+    health = health_markdown(rows)
+    if health:
+        lines += ["", "## Sampler health", "", health.rstrip("\n")]
     lines += [
         "",
         f"## {view.label} ({view.headings[view.metrics.index(view.calibration)]}) by target size",
@@ -802,6 +808,81 @@ def summary_markdown(
         if keys and task == "classification":
             lines.append(_oracle_row(rows, (c, delta, n_t)))
     return "\n".join(lines) + "\n"
+
+
+#: R-hat above which a fit's chains are counted as disagreeing in :func:`health_markdown`
+HEALTH_RHAT = 1.1
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def health_markdown(rows: list[dict[str, Any]], rhat: float = HEALTH_RHAT) -> str:
+    r"""How well the samplers of the study's posterior-draw methods mixed, one line per method.
+
+    Columns, over the fits of every setting (a fit = one replicate of one method): fits with at
+    least one divergent transition; fits whose chains disagree on a prediction (largest
+    :math:`\hat R` over the test-row predictions above ``rhat``); the same over the scalar
+    parameter sites where the method records them (``—`` for networks, whose weights are
+    identified only up to symmetries, so that only their predictions are judged); fits with a
+    chain that did not move; the median of the smallest bulk ESS over the sites; and the
+    setting with the most fits whose predictions disagree. A method without any NUTS figure
+    (forests, point estimates) has no line; no such method at all gives ``""``.
+    """
+    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_method[r["method"]].append(r)
+    task = _task_of(rows)
+    order = _method_order(task)
+    lines = []
+    for m in sorted(by_method, key=lambda m: order.get(m, 99)):
+        rs = by_method[m]
+        pred = np.array([_number(r.get("prediction_max_rhat")) for r in rs])
+        if not np.isfinite(pred).any():
+            continue
+        par = np.array([_number(r.get("max_rhat")) for r in rs])
+        ess = np.array([_number(r.get("min_bulk_ess")) for r in rs])
+        stuck = np.array([_number(r.get("stuck_chains")) for r in rs])
+        div = np.array([_number(r.get("divergences")) for r in rs])
+        n = len(rs)
+        flagged: dict[tuple, int] = defaultdict(int)
+        for r, v in zip(rs, pred, strict=True):
+            flagged[(r["covariate_shift"], r["delta"], r["n_target"])] += bool(v > rhat)
+        worst = max(flagged, key=lambda k: (flagged[k], -_delta_order(k[1]), k[2]))
+        per_setting = sum(
+            1 for r in rs if (r["covariate_shift"], r["delta"], r["n_target"]) == worst
+        )
+        shift = f", shift {worst[0]:g}" if worst[0] else ""
+        where = (
+            f"δ = {worst[1]}, n_T = {worst[2]}{shift}: {flagged[worst]}/{per_setting}"
+            if flagged[worst]
+            else "—"
+        )
+        par_txt = f"{int(np.sum(par > rhat))}/{n}" if np.isfinite(par).any() else "—"
+        ess_txt = f"{np.nanmedian(ess):.0f}" if np.isfinite(ess).any() else "—"
+        lines.append(
+            f"| {m} | {int(np.sum(div > 0))}/{n} | {int(np.sum(pred > rhat))}/{n} | {par_txt} "
+            f"| {int(np.sum(stuck > 0))}/{n} | {ess_txt} | {where} |"
+        )
+    if not lines:
+        return ""
+    head = [
+        f"Fits (one replicate of one method) of the posterior-draw methods: with divergent "
+        f"transitions; whose chains disagree (R̂ > {rhat:g}) on some test prediction, or on a "
+        "scalar parameter site where the method records them (— for networks: their weights "
+        "are identified only up to symmetries, so their predictions are judged); with a chain "
+        "that did not move; the median smallest bulk ESS; and the setting with the most "
+        "disagreeing fits. Such a fit's score is that of its chains pooled.",
+        "",
+        f"| method | divergent | predictions R̂ > {rhat:g} | parameters R̂ > {rhat:g} | "
+        "stuck chain | median min bulk ESS | most disagreeing setting |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    return "\n".join(head + lines) + "\n"
 
 
 def _oracle_row(rows: list[dict[str, Any]], setting: tuple[float, str, int]) -> str:
