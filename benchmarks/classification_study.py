@@ -16,7 +16,11 @@ writes ``benchmarks/results/classification_study/k2/`` and ``…/k3/`` (``result
 folder's over-all-settings table. A killed run started again with the same options keeps the
 finished settings (rows are written atomically after every setting). The same as
 ``pcbtl simulate --task classification --classes K --out DIR``; parts of the grid can run in
-parallel processes (``--n-targets``) and be merged with ``pcbtl simulate --merge``.
+parallel processes (``--n-targets``) and be merged with ``pcbtl simulate --merge``. That command
+also re-runs chosen methods of chosen settings with another NUTS budget into another folder
+(same seeds, so its replicates pair with the grid's), e.g. ``pcbtl simulate --task
+classification --classes 2 --n-targets 250 --deltas unrelated --methods pc-scale --draws 600
+--no-batch --out benchmarks/results/classification_budget/k2``.
 
 Measured cost of one replicate at n_T = 500 (δ = 1, every method, n_S = 5,000, 4 chains of
 150 + 150 draws run one after another; one process, ``nice -n 19``, on the 2-core AMD EPYC
