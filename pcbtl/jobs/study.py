@@ -850,15 +850,15 @@ def health_markdown(rows: list[dict[str, Any]], rhat: float = HEALTH_RHAT) -> st
         div = np.array([_number(r.get("divergences")) for r in rs])
         n = len(rs)
         flagged: dict[tuple, int] = defaultdict(int)
+        fits: dict[tuple, int] = defaultdict(int)
         for r, v in zip(rs, pred, strict=True):
-            flagged[(r["covariate_shift"], r["delta"], r["n_target"])] += bool(v > rhat)
+            setting = (r["covariate_shift"], r["delta"], r["n_target"])
+            flagged[setting] += bool(v > rhat)
+            fits[setting] += 1
         worst = max(flagged, key=lambda k: (flagged[k], -_delta_order(k[1]), k[2]))
-        per_setting = sum(
-            1 for r in rs if (r["covariate_shift"], r["delta"], r["n_target"]) == worst
-        )
         shift = f", shift {worst[0]:g}" if worst[0] else ""
         where = (
-            f"δ = {worst[1]}, n_T = {worst[2]}{shift}: {flagged[worst]}/{per_setting}"
+            f"δ = {worst[1]}, n_T = {worst[2]}{shift}: {flagged[worst]}/{fits[worst]}"
             if flagged[worst]
             else "—"
         )
